@@ -1,0 +1,434 @@
+"""Typed, frozen run configuration.
+
+One :class:`Config` holds six sections (model, masking, loss, teacher, data, train). Presets are
+functions (:func:`paper`, :func:`tiny`); a TOML file and dotted CLI overrides
+(``--model.depth 4``) are applied on top of a preset with :func:`load`. Every value is checked
+when the config is built (:meth:`Config.validate`), so a bad run fails before any data is read.
+
+Assumptions we had to make because the paper and the released code leave them open are marked
+``ASSUMPTION`` next to the field (see README, "Assumptions").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ModelConfig", "MaskingConfig", "LossConfig", "TeacherConfig", "DataConfig", "TrainConfig",
+    "EvalConfig", "Config", "ConfigError", "paper", "tiny", "PRESETS", "load", "apply_overrides",
+    "to_dict", "from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the dotted field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """CAV-MAE Sync backbone. Defaults are the evaluated TG-DP model (spec §1.1)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    audio_length: int = 416          # fbank frames per window (time axis), multiple of patch_size
+    n_mels: int = 128                # fbank bins (frequency axis), multiple of patch_size
+    embed_dim: int = 768
+    depth: int = 12                  # total encoder depth = modality_specific_depth + joint depth
+    modality_specific_depth: int = 11
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    num_register_tokens: int = 8     # per modality; appended after the patches, dropped before the joint layer
+    ln_eps: float = 1e-5             # official CAV-MAE eps (not MAE's 1e-6)
+    # Attention implementation of the fast model: auto = FlashAttention if importable on CUDA, else SDPA.
+    attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
+
+    # ---- derived geometry (never hard-coded elsewhere) ----
+    @property
+    def joint_depth(self) -> int:
+        return self.depth - self.modality_specific_depth
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        """(freq rows, time cols) of the audio patch grid: (8, 26) for 128 mels x 416 frames."""
+        return self.n_mels // self.patch_size, self.audio_length // self.patch_size
+
+    @property
+    def video_grid(self) -> tuple[int, int]:
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    @property
+    def num_patches_a(self) -> int:
+        h, w = self.audio_grid
+        return h * w
+
+    @property
+    def num_patches_v(self) -> int:
+        h, w = self.video_grid
+        return h * w
+
+    @property
+    def patch_dim_a(self) -> int:
+        return self.patch_size * self.patch_size
+
+    @property
+    def patch_dim_v(self) -> int:
+        return self.patch_size * self.patch_size * self.in_chans
+
+    def validate(self, prefix: str = "model") -> None:
+        p = self.patch_size
+        _check(p > 0, f"{prefix}.patch_size", p, "must be > 0")
+        _check(self.audio_length > 0 and self.audio_length % p == 0, f"{prefix}.audio_length",
+               self.audio_length, f"must be a positive multiple of patch_size={p}")
+        _check(self.n_mels > 0 and self.n_mels % p == 0, f"{prefix}.n_mels", self.n_mels,
+               f"must be a positive multiple of patch_size={p}")
+        _check(self.img_size > 0 and self.img_size % p == 0, f"{prefix}.img_size", self.img_size,
+               f"must be a positive multiple of patch_size={p}")
+        _check(self.in_chans > 0, f"{prefix}.in_chans", self.in_chans, "must be > 0")
+        _check(self.embed_dim > 0 and self.embed_dim % self.num_heads == 0, f"{prefix}.embed_dim",
+               self.embed_dim, f"must be divisible by num_heads={self.num_heads}")
+        _check(self.decoder_embed_dim > 0 and self.decoder_embed_dim % self.decoder_num_heads == 0,
+               f"{prefix}.decoder_embed_dim", self.decoder_embed_dim,
+               f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
+        _check(0 <= self.modality_specific_depth < self.depth, f"{prefix}.modality_specific_depth",
+               self.modality_specific_depth, f"must be in [0, depth={self.depth})")
+        _check(self.decoder_depth >= 1, f"{prefix}.decoder_depth", self.decoder_depth, "must be >= 1")
+        _check(self.num_register_tokens >= 0, f"{prefix}.num_register_tokens",
+               self.num_register_tokens, "must be >= 0")
+        _check(self.mlp_ratio > 0, f"{prefix}.mlp_ratio", self.mlp_ratio, "must be > 0")
+        _check(self.ln_eps > 0, f"{prefix}.ln_eps", self.ln_eps, "must be > 0")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    rec_ratio: float = 0.75          # reconstruction path, random masking (both modalities)
+    con_ratio: float = 0.50          # contrastive path (paper: 0.50; official code default 0.75)
+    # How the contrastive path picks its visible tokens from the teacher scores.
+    guide: Literal["distinct", "gumbel", "random"] = "distinct"
+    gumbel_tau: float = 1.0          # temperature of the scores before Gumbel noise
+    # Which attention the teacher score reads: patch queries -> CLS key (official) or CLS query -> patch keys.
+    score_direction: Literal["patch_to_cls", "cls_to_patch"] = "patch_to_cls"
+    renormalize_scores: bool = True  # divide by the sum over patches (paper: "normalized across spatial tokens")
+    # Reproduce the official bug: the teacher ranks positions of a randomly *shuffled* sequence.
+    official_compat: bool = False
+
+    def validate(self, prefix: str = "masking") -> None:
+        for name in ("rec_ratio", "con_ratio"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"{prefix}.{name}", v, "must be in [0, 1)")
+        _check(self.gumbel_tau > 0, f"{prefix}.gumbel_tau", self.gumbel_tau, "must be > 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_rec: float = 1.0               # lambda_1 (official Sync: w_mae 1.0)
+    w_dis: float = 0.1               # lambda_2  ASSUMPTION: unpublished
+    w_con: float = 0.1               # lambda_3  (Sync AS-2M script: w_c 0.1)
+    norm_pix_loss: bool = True       # Sync-dev pretraining script: True (unbiased var + 1e-6)
+    temperature: float = 0.05        # fixed, not learned (official)
+    symmetric: bool = False          # official local loss is video->audio only; True = mean of both directions
+    gather: bool = True              # all-gather negatives across ranks (autograd) when distributed
+    # Distillation: || g - g_teacher ||^2 summed over dims, mean over batch, summed over modalities.
+    dis_normalize: bool = True       # ASSUMPTION: L2-normalise both globals first (the contrastive space)
+
+    def validate(self, prefix: str = "loss") -> None:
+        for name in ("w_rec", "w_dis", "w_con"):
+            v = getattr(self, name)
+            _check(v >= 0, f"{prefix}.{name}", v, "must be >= 0")
+        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    # ASSUMPTION: the paper's EMA momentum is unpublished; 0.999 constant by default.
+    momentum: float = 0.999
+    schedule: Literal["constant", "cosine"] = "constant"
+    momentum_end: float = 1.0        # cosine: momentum goes momentum -> momentum_end over the run
+
+    def validate(self, prefix: str = "teacher") -> None:
+        _check(0.0 <= self.momentum <= 1.0, f"{prefix}.momentum", self.momentum, "must be in [0, 1]")
+        _check(0.0 <= self.momentum_end <= 1.0, f"{prefix}.momentum_end", self.momentum_end,
+               "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""                   # folder of shards (manifest.json); "" = the embedded demo set
+    demo_dir: str = "~/.cache/tgdp/demo"
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    num_workers: int = 2
+    frames_per_clip: int = 16
+    sample_rate: int = 16000
+    fbank_frames: int = 1024         # fbank padded/cut to this many frames before windowing (official)
+    fbank_mean: float = -5.081
+    fbank_std: float = 4.4849
+    pad: Literal["floor", "zero"] = "floor"   # "zero" = official (log-mel 0 padding, a bug)
+    window: Literal["frame_time", "official"] = "frame_time"  # official: centre at 64*i (drifts 0.24 s)
+    time_shift: float = 0.0          # circular shift of the window, fraction of its length (train only)
+    eval_frame: int = 8
+    shuffle_buffer: int = 256
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(self.frames_per_clip >= 1, f"{prefix}.frames_per_clip", self.frames_per_clip, "must be >= 1")
+        _check(self.sample_rate > 0, f"{prefix}.sample_rate", self.sample_rate, "must be > 0")
+        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
+        _check(self.fbank_std > 0, f"{prefix}.fbank_std", self.fbank_std, "must be > 0")
+        _check(0 <= self.eval_frame < self.frames_per_clip, f"{prefix}.eval_frame", self.eval_frame,
+               f"must be in [0, frames_per_clip={self.frames_per_clip})")
+        _check(0.0 <= self.time_shift < 1.0, f"{prefix}.time_shift", self.time_shift, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0                   # total optimizer steps; 0 = derive from epochs
+    epochs: float = 35.0             # supplement Table 1
+    batch_size: int = 512            # global batch (8 x 64 in the paper)
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1        # cosine floor = 0.1 * lr (Sync-dev scheduler)
+    warmup_frac: float = 0.1         # linear warmup over this fraction of all steps
+    weight_decay: float = 5e-7
+    betas: tuple[float, float] = (0.95, 0.999)
+    grad_clip: float = 0.0           # 0 = off (official: no clipping)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    cuda_graphs: bool = False
+    dist: Literal["ddp", "fsdp2"] = "ddp"
+    fsdp_bf16: bool = False
+    seed: int = 0
+    out_dir: str = "runs/tgdp"
+    ckpt_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    resume: bool = False
+    init: str = ""                   # optional official / tgdp checkpoint to start from
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.steps >= 0, f"{prefix}.steps", self.steps, "must be >= 0")
+        _check(self.epochs > 0 or self.steps > 0, f"{prefix}.epochs", self.epochs,
+               "must be > 0 when train.steps is 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(0 <= self.warmup_frac < 1, f"{prefix}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+               self.betas, "must be two values in [0, 1)")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.ckpt_every >= 1, f"{prefix}.ckpt_every", self.ckpt_every, "must be >= 1")
+        _check(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    retrieval_videos: int = 1600     # official: all ~1,545 VGGSound retrieval videos
+    batch_videos: int = 50
+    chunk: int = 4096                # rows of the similarity matrix computed at once
+
+    def validate(self, prefix: str = "eval") -> None:
+        _check(self.retrieval_videos >= 1, f"{prefix}.retrieval_videos", self.retrieval_videos, "must be >= 1")
+        _check(self.batch_videos >= 1, f"{prefix}.batch_videos", self.batch_videos, "must be >= 1")
+        _check(self.chunk >= 1, f"{prefix}.chunk", self.chunk, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str = "paper"
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        return self
+
+
+# ----------------------------------------------------------------------------- presets
+
+def paper() -> Config:
+    """The evaluated TG-DP configuration (ViT-B, 416-frame audio, CLS + 8 registers, 50 % contrastive mask)."""
+    return Config(preset="paper").validate()
+
+
+def tiny() -> Config:
+    """Same structure as :func:`paper`, small enough to pretrain on 2 CPU cores in minutes."""
+    return Config(
+        model=ModelConfig(img_size=96, embed_dim=96, depth=4, modality_specific_depth=3, num_heads=4,
+                          decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                          num_register_tokens=2),
+        loss=LossConfig(w_dis=0.1, w_con=1.0),
+        teacher=TeacherConfig(momentum=0.99),
+        data=DataConfig(num_workers=1),
+        train=TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_frac=0.05, ckpt_every=100,
+                          log_every=10, out_dir="runs/tiny"),
+        eval=EvalConfig(retrieval_videos=64, batch_videos=16),
+        preset="tiny",
+    ).validate()
+
+
+PRESETS = {"paper": paper, "tiny": tiny}
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (JSON/TOML-safe), saved in every checkpoint and run summary."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a config from a nested dict on top of ``base`` (default: the dict's own preset)."""
+    d = dict(d)
+    preset = d.pop("preset", None)
+    if base is None:
+        base = _preset(preset or "paper")
+    flat = dict(_flatten(d))
+    if preset is not None:
+        flat["preset"] = preset
+    return _apply(base, flat)
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Apply dotted overrides: ``{"model.depth": 4}`` or CLI style ``["--model.depth", "4"]``.
+
+    String values are parsed against the field's type ("4" -> int, "true" -> bool, "0.9,0.99" -> tuple).
+    """
+    if isinstance(overrides, list):
+        overrides = parse_cli_overrides(overrides)
+    return _apply(cfg, dict(overrides))
+
+
+def parse_cli_overrides(argv: list[str]) -> dict[str, str]:
+    """``["--model.depth", "4", "--train.compile=true"]`` -> ``{"model.depth": "4", "train.compile": "true"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise ConfigError(f"expected a dotted override like --model.depth 4, got {tok!r}")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override --{key} has no value")
+            i += 1
+            val = argv[i]
+        out[key] = val
+        i += 1
+    return out
+
+
+def load(preset: str = "paper", file: str | Path | None = None,
+         overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Preset, then TOML file (``[model]`` tables etc.), then dotted overrides; validated."""
+    if file is not None:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+        preset = data.pop("preset", preset)
+        cfg = _apply(_preset(preset), dict(_flatten(data)))
+    else:
+        cfg = _preset(preset)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+# ----------------------------------------------------------------------------- internals
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} {why}")
+
+
+def _preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _apply(cfg: Config, flat: dict[str, Any]) -> Config:
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    section_names = {f.name for f in fields(cfg)}
+    for key, val in flat.items():
+        if "." not in key:
+            if key != "preset":
+                raise ConfigError(f"{key} is not a config field; sections are {sorted(section_names - {'preset'})}")
+            top[key] = str(val)
+            continue
+        sec, name = key.split(".", 1)
+        if sec not in section_names or sec == "preset":
+            raise ConfigError(f"{key}: unknown section {sec!r}; sections are {sorted(section_names - {'preset'})}")
+        section = getattr(cfg, sec)
+        hints = typing.get_type_hints(type(section))
+        if name not in hints:
+            raise ConfigError(f"{key} is not a config field; {sec} has {sorted(hints)}")
+        sections.setdefault(sec, {})[name] = _coerce(key, val, hints[name])
+    new = {sec: replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()}
+    return replace(cfg, **new, **top)
+
+
+def _coerce(key: str, val: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if val not in choices:
+            raise ConfigError(f"{key}={val!r} must be one of {list(choices)}")
+        return val
+    if tp is bool:
+        if isinstance(val, bool):
+            return val
+        if isinstance(val, str) and val.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return val.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}={val!r} must be a boolean")
+    if tp is int:
+        if isinstance(val, bool):
+            raise ConfigError(f"{key}={val!r} must be an integer")
+        try:
+            if isinstance(val, float) and not val.is_integer():
+                raise ValueError
+            return int(val) if not isinstance(val, str) else int(val, 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={val!r} must be an integer") from None
+    if tp is float:
+        if isinstance(val, bool):
+            raise ConfigError(f"{key}={val!r} must be a number")
+        try:
+            return float(val)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={val!r} must be a number") from None
+    if tp is str:
+        return str(val)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        items = val.split(",") if isinstance(val, str) else list(val)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={val!r} must have {len(args)} values")
+        return tuple(_coerce(key, x, a) for x, a in zip(items, args))
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
