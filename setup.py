@@ -29,7 +29,8 @@ class CMakeBuild(build_ext):
             return
         try:
             super().run()
-        except (subprocess.CalledProcessError, OSError) as exc:  # optional extension
+        except (subprocess.CalledProcessError, OSError, ImportError) as exc:  # optional extension
+            # OSError: no cmake / compiler on PATH; ImportError: no pybind11 (--no-build-isolation).
             print(f"tgdp: WARNING: C++ packer build failed ({exc}); the numpy fallback will be used",
                   file=sys.stderr)
 
