@@ -1,0 +1,232 @@
+"""``python -m tgdp.prepare``: raw videos → webdataset shards (format: docs/architecture.md).
+
+    python -m tgdp.prepare --src DIR|list.csv|list.json --out DIR [--workers N] [--shard-size N]
+
+Per clip (:func:`tgdp.data.clip_decode.decode_clip`, PyAV on the CPU): 16 frames sampled
+uniformly over the first 10 s, resized + centre-cropped to 224, JPEG q=90 RGB; the first audio
+channel at 16 kHz, first 10.24 s, 16-bit FLAC; a metadata JSON with a ``silent`` flag.
+
+Broken inputs are skipped, never replaced by placeholder data, and listed in the manifest's
+``skipped`` list and in ``<out>/skipped.json`` as ``{"source", "id", "reason", "detail"}``
+(reasons: :data:`tgdp.data.clip_decode.REASONS`).
+
+Inputs are sorted by (id, path) and cut into shards of ``--shard-size`` inputs, so the same inputs
+always give the same shards. The manifest is rewritten after every finished shard; a second run
+with the same inputs and settings skips the shards already listed there (resume).
+
+Sources: a folder (every file with a video suffix below it, id = relative path without suffix, no
+labels), a CSV with a header (``path`` required; ``id``; ``labels`` separated by ``;``) or a JSON
+list (or ``{"data": [...]}``) of objects with ``path``, optional ``id``/``video_id`` and
+``labels`` (a list, or a comma-separated string as in the official dataset JSON). Relative paths
+are resolved against the list file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+from tgdp.data.clip_decode import REASONS, ClipInput, ClipSkipped, decode_clip
+from tgdp.data.shards import (ShardWriter, atomic_write_json, new_manifest, read_manifest,
+                              sanitize_key, shard_name, write_manifest)
+
+__all__ = ["ClipInput", "ClipSkipped", "REASONS", "VIDEO_SUFFIXES", "list_inputs", "decode_clip",
+           "prepare", "main"]
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg",
+                            ".flv", ".ogv", ".3gp", ".wmv", ".ts"})
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def list_inputs(src: str | os.PathLike) -> list[ClipInput]:
+    """The clips of a folder, CSV or JSON list, sorted by (id, source)."""
+    src = Path(src).expanduser()
+    if src.is_dir():
+        items = [ClipInput(str(p.resolve()), p.relative_to(src).with_suffix("").as_posix())
+                 for p in src.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+    elif src.is_file() and src.suffix.lower() == ".csv":
+        with open(src, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ValueError(f"{src}: CSV needs a header with a 'path' column, got {reader.fieldnames}")
+            items = [_item(src, row.get("path"), row.get("id"),
+                           [s for s in (row.get("labels") or "").split(";")]) for row in reader]
+    elif src.is_file() and src.suffix.lower() == ".json":
+        data = json.loads(src.read_text(encoding="utf-8"))
+        rows = data.get("data") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{src}: JSON must be a list (or {{'data': list}}) of objects")
+        items = []
+        for r in rows:
+            labels = r.get("labels", [])
+            if isinstance(labels, str):
+                labels = labels.split(",")
+            items.append(_item(src, r.get("path"), r.get("id", r.get("video_id")), labels))
+    else:
+        raise ValueError(f"--src {str(src)!r} must be a folder, a .csv or a .json list")
+    return sorted(items, key=lambda c: (c.id, c.source))
+
+
+def _item(listfile: Path, path, clip_id, labels) -> ClipInput:
+    if not path:
+        raise ValueError(f"{listfile}: an entry has no 'path'")
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = listfile.parent / p
+    labels = tuple(s.strip() for s in labels if isinstance(s, str) and s.strip())
+    return ClipInput(str(p.resolve()), str(clip_id) if clip_id else p.stem, labels)
+
+
+def _work(args):
+    """Pool task: one clip → ``("ok", key, meta, flac, jpgs)`` or ``("skip", entry)``."""
+    item, settings = args
+    try:
+        meta, flac, jpgs = decode_clip(item, **settings)
+    except ClipSkipped as e:
+        return ("skip", _skip(item, e.reason, e.detail))
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop a long run; it is reported
+        return ("skip", _skip(item, "error", f"{type(e).__name__}: {e}"))
+    return ("ok", sanitize_key(item.id), meta, flac, jpgs)
+
+
+def _skip(item: ClipInput, reason: str, detail: str) -> dict:
+    return {"source": item.source, "id": item.id, "reason": reason, "detail": detail}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def prepare(src: str | os.PathLike, out: str | os.PathLike, *, workers: int | None = None,
+            shard_size: int = 256, img_size: int = 224, num_frames: int = 16,
+            sample_rate: int = 16000, progress: bool = True, pool=None) -> dict:
+    """Prepare every clip of ``src`` into shards under ``out``; returns the final manifest.
+
+    ``workers``: processes (spawn); ``None`` = all CPUs, 0 or 1 = in this process. ``pool``: an
+    open ``multiprocessing`` pool to use instead (the caller closes it; ``workers`` is ignored).
+    Resumes a previous run into the same ``out`` (same inputs and settings); raises ValueError
+    if ``out`` holds a manifest made from other inputs or settings.
+    """
+    for name, v in (("shard_size", shard_size), ("img_size", img_size), ("num_frames", num_frames),
+                    ("sample_rate", sample_rate)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be a non-negative int or None, got {workers!r}")
+    items = list_inputs(src)
+    if not items:
+        raise ValueError(f"--src {str(src)!r} lists no videos (suffixes: {sorted(VIDEO_SUFFIXES)})")
+    items, dup_skips = _dedupe(items)
+    settings = {"img_size": img_size, "num_frames": num_frames, "sample_rate": sample_rate}
+    fingerprint = _fingerprint(items, settings, shard_size)
+
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp"):   # left by a killed run; never listed in the manifest
+        stale.unlink()
+    if (out / "manifest.json").exists():
+        manifest = read_manifest(out)
+        if manifest.get("fingerprint") != fingerprint:
+            raise ValueError(f"{out} holds shards of other inputs or settings (fingerprint "
+                             f"{manifest.get('fingerprint')} != {fingerprint}); use another --out")
+    else:
+        manifest = new_manifest(frames_per_clip=num_frames, sample_rate=sample_rate,
+                                img_size=img_size, shard_size=shard_size, fingerprint=fingerprint,
+                                empty_shards=[], complete=False)
+    manifest["skipped"] = dup_skips + [s for s in manifest["skipped"] if s["reason"] != "duplicate_id"]
+    done = {s["index"] for s in manifest["shards"]} | set(manifest["empty_shards"])
+    n_shards = -(-len(items) // shard_size)
+    todo = [s for s in range(n_shards) if s not in done]
+    tasks = [(item, settings) for s in todo for item in items[s * shard_size:(s + 1) * shard_size]]
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(tasks), unit="clip", desc="prepare", disable=not progress, file=sys.stderr)
+    nproc = (os.cpu_count() or 1) if workers is None else workers
+    own_pool = None
+    if pool is None and nproc > 1 and len(tasks) > 1:
+        own_pool = pool = multiprocessing.get_context("spawn").Pool(nproc)
+    results = pool.imap(_work, tasks, chunksize=1) if pool is not None else map(_work, tasks)
+    try:
+        for s in todo:
+            n = len(items[s * shard_size:(s + 1) * shard_size])
+            _write_shard(out, s, num_frames, (next(results) for _ in range(n)), manifest, bar)
+            write_manifest(out, manifest)
+        manifest["complete"] = True
+        write_manifest(out, manifest)
+    finally:
+        bar.close()
+        if own_pool is not None:
+            own_pool.terminate()  # all results are consumed (or we are failing): nothing to wait for
+            own_pool.join()
+    atomic_write_json(out / "skipped.json", manifest["skipped"])
+    return read_manifest(out)
+
+
+def _write_shard(out: Path, s: int, num_frames: int, results, manifest: dict, bar) -> None:
+    """Write shard ``s`` from its clips' results and record it (and its skips) in ``manifest``."""
+    skips = []
+    with ShardWriter(out / f"{shard_name(s)}.tar", num_frames=num_frames) as writer:
+        for res in results:
+            if res[0] == "ok":
+                writer.write(*res[1:])
+            else:
+                skips.append(res[1])
+            bar.update(1)
+        count = writer.close()
+    if count:
+        manifest["shards"].append({"path": f"{shard_name(s)}.tar", "count": count, "index": s})
+        manifest["shards"].sort(key=lambda e: e["index"])
+    else:
+        manifest["empty_shards"] = sorted(manifest["empty_shards"] + [s])
+    manifest["skipped"].extend(skips)
+
+
+def _dedupe(items: list[ClipInput]) -> tuple[list[ClipInput], list[dict]]:
+    kept, skips, seen = [], [], {}
+    for item in items:
+        key = sanitize_key(item.id)
+        if key in seen:
+            skips.append(_skip(item, "duplicate_id", f"id {item.id!r} already used by {seen[key]}"))
+        else:
+            seen[key] = item.source
+            kept.append(item)
+    return kept, skips
+
+
+def _fingerprint(items: list[ClipInput], settings: dict, shard_size: int) -> str:
+    h = hashlib.sha1(json.dumps([settings, shard_size]).encode())
+    for it in items:
+        h.update(json.dumps([it.source, it.id, it.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tgdp.prepare", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--src", required=True, help="folder of videos, or a .csv/.json list")
+    ap.add_argument("--out", required=True, help="output folder (manifest.json + shards)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    ap.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
+    ap.add_argument("--img-size", type=int, default=224, help="stored frame size")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        manifest = prepare(args.src, args.out, workers=args.workers, shard_size=args.shard_size,
+                           img_size=args.img_size, progress=not args.no_progress)
+    except ValueError as e:
+        ap.error(str(e))
+    reasons: dict[str, int] = {}
+    for s in manifest["skipped"]:
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    print(f"{manifest['num_samples']} clips in {len(manifest['shards'])} shards under {args.out}; "
+          f"skipped {len(manifest['skipped'])} {reasons or ''} (see skipped.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
