@@ -139,6 +139,9 @@ class LossConfig:
     gather: bool = True              # all-gather negatives across ranks (autograd) when distributed
     # Distillation: || g - g_teacher ||^2 summed over dims, mean over batch, summed over modalities.
     dis_normalize: bool = True       # ASSUMPTION: L2-normalise both globals first (the contrastive space)
+    # The reconstruction pass prepends the CLS tokens (as the official code does) but detached, so the
+    # MAE loss cannot train cls_token_a/v through attention. True = official (rec gradients reach them).
+    rec_grad_to_cls: bool = False
 
     def validate(self, prefix: str = "loss") -> None:
         for name in ("w_rec", "w_dis", "w_con"):
@@ -162,7 +165,10 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""                   # folder of shards (manifest.json); "" = the embedded demo set
+    # folder of shards (manifest.json); "" = the embedded demo set; "random" = synthetic noise source
+    # for tests/benchmarks (global sample i -> a deterministic random pair seeded by (train.seed, i),
+    # so single-process and distributed runs with the same global batch see identical data)
+    root: str = ""
     demo_dir: str = "~/.cache/tgdp/demo"
     loader: Literal["auto", "dali", "torch"] = "auto"
     num_workers: int = 2
@@ -176,6 +182,9 @@ class DataConfig:
     time_shift: float = 0.0          # circular shift of the window, fraction of its length (train only)
     eval_frame: int = 8
     shuffle_buffer: int = 256
+    # Training only: 0 = stream the shards through the loader; K > 0 = decode the split once and keep
+    # K evenly spaced frames per clip (with their audio windows) in memory as fp16 (small sets: the demo)
+    cache_frames: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.frames_per_clip >= 1, f"{prefix}.frames_per_clip", self.frames_per_clip, "must be >= 1")
@@ -185,6 +194,8 @@ class DataConfig:
         _check(0 <= self.eval_frame < self.frames_per_clip, f"{prefix}.eval_frame", self.eval_frame,
                f"must be in [0, frames_per_clip={self.frames_per_clip})")
         _check(0.0 <= self.time_shift < 1.0, f"{prefix}.time_shift", self.time_shift, "must be in [0, 1)")
+        _check(0 <= self.cache_frames <= self.frames_per_clip, f"{prefix}.cache_frames", self.cache_frames,
+               f"must be in [0, frames_per_clip={self.frames_per_clip}]")
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,8 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     init: str = ""                   # optional official / tgdp checkpoint to start from
+    # student implementation: "auto" = tgdp.model.FastCAVMAESync on CUDA when importable, else the reference
+    model_impl: Literal["auto", "reference", "fast"] = "auto"
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.steps >= 0, f"{prefix}.steps", self.steps, "must be >= 0")

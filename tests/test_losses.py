@@ -1,0 +1,117 @@
+"""InfoNCE (hand values, directions, accuracy, all-gather with autograd) and the distillation loss."""
+
+import math
+import time
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tgdp.losses import distill_mse, info_nce
+
+# a = [1, 0], [0, 1]; v = [1, 0], [3, 4] (-> [0.6, 0.8]); tau = 0.5
+# S = a_hat v_hat^T / tau = [[2, 1.2], [0, 1.6]]
+# video->audio (softmax over the audio axis of each column): col 1: log(1 + e^-2) = 0.1269280110429725,
+#   col 2: log(1 + e^-0.4) = 0.5130152523999526 -> mean 0.31997163172146253
+# audio->video (rows): log(1 + e^-0.8), log(1 + e^-1.6) -> mean 0.2775007034180582
+HAND_VA = 0.31997163172146253
+HAND_AV = 0.2775007034180582
+
+
+def _pair():
+    return torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+
+
+def test_info_nce_hand_value_unidirectional():
+    a, v = _pair()
+    loss, acc = info_nce(a, v, temperature=0.5, symmetric=False)
+    assert math.isclose(loss.item(), HAND_VA, rel_tol=1e-6)
+    assert acc.item() == 1.0
+
+
+def test_info_nce_hand_value_symmetric():
+    a, v = _pair()
+    loss, _ = info_nce(a * 7.0, v, temperature=0.5, symmetric=True)   # scale-free: L2-normalised inside
+    assert math.isclose(loss.item(), 0.5 * (HAND_VA + HAND_AV), rel_tol=1e-6)
+
+
+def test_info_nce_matches_the_official_column_formula():
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    loss, _ = info_nce(a, v, temperature=0.05)
+    an, vn = a / a.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
+    s = an @ vn.t() / 0.05
+    official = -torch.diag(torch.log_softmax(s, dim=0)).mean()      # softmax over audio for each video
+    assert torch.allclose(loss, official, atol=1e-5)
+
+
+def test_accuracy_counts_the_right_direction():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    v = torch.tensor([[1.0, 0.0], [1.0, 0.2]])   # video 2 is closer to audio 1
+    _, acc = info_nce(a, v, temperature=0.1)
+    assert acc.item() == 0.5                       # video->audio: video 2 picks audio 1
+    _, acc_sym = info_nce(a, v, temperature=0.1, symmetric=True)
+    assert acc_sym.item() == 0.75                  # audio->video is 2/2 right
+
+
+def test_batch_size_one_and_errors():
+    loss, acc = info_nce(torch.randn(1, 4), torch.randn(1, 4), temperature=0.05)
+    assert loss.item() == 0.0 and acc.item() == 1.0
+    with pytest.raises(ValueError, match="emb_a"):
+        info_nce(torch.randn(2, 4), torch.randn(3, 4), temperature=0.05)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(torch.randn(2, 4), torch.randn(2, 4), temperature=0.0)
+
+
+def test_distill_hand_values():
+    s_a, t_a = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])
+    s_v, t_v = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 5.0]])
+    # normalised: |[0.6, 0.8] - [1, 0]|^2 = 0.8 ; video rows 0 and 2 -> mean 1.0 ; total 1.8
+    assert math.isclose(distill_mse(s_a, s_v, t_a, t_v, normalize=True).item(), 1.8, rel_tol=1e-6)
+    # raw: |[1, 4]|^2 = 17 ; video rows 0 and (1 + 25) -> mean 13 ; total 30
+    assert math.isclose(distill_mse(s_a, s_v, t_a, t_v, normalize=False).item(), 30.0, rel_tol=1e-6)
+
+
+def test_distill_does_not_train_the_teacher():
+    s, t = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    distill_mse(s, s, t, t).backward()
+    assert s.grad is not None and t.grad is None
+
+
+def _worker(rank, world, init_file, a, v, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = a.shape[0] // world
+        la = a[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        lv = v[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        loss, acc = info_nce(la, lv, temperature=0.1, symmetric=True, gather=True)
+        (loss / world).backward()   # DDP-style: every rank's loss averaged over ranks
+        out[rank] = (loss.detach(), acc.detach(), la.grad, lv.grad)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_gather_equals_the_full_batch_loss_and_gradients(tmp_path):
+    """2 gloo ranks with half the batch each == one process with the whole batch (loss and grads)."""
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        # spawn, not fork: forking a process whose torch thread pools are live can deadlock.
+        ctx = mp.spawn(_worker, args=(world, str(tmp_path / "pg"), a, v, out), nprocs=world, join=False)
+        deadline = time.monotonic() + 120                # never hang the suite on a stuck rank
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("distributed InfoNCE ranks did not finish within 120 s")
+        res = dict(out)
+    fa, fv = a.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    full, full_acc = info_nce(fa, fv, temperature=0.1, symmetric=True, gather=True)
+    full.backward()
+    mean_loss = sum(res[r][0] for r in range(world)) / world
+    mean_acc = sum(res[r][1] for r in range(world)) / world
+    assert torch.allclose(mean_loss, full, atol=1e-6) and torch.allclose(mean_acc, full_acc)
+    ga = torch.cat([res[r][2] for r in range(world)])
+    gv = torch.cat([res[r][3] for r in range(world)])
+    assert torch.allclose(ga, fa.grad, atol=1e-6) and torch.allclose(gv, fv.grad, atol=1e-6)
