@@ -34,14 +34,17 @@ def test_fast_teacher_matches_hand_count(rows):
 
 def test_official_schedule_waste_is_counted(rows):
     """official - tgdp schedule = the teacher's unified joint pass + the rec view's a/v joint passes
-    (forward only: their outputs are discarded, so no backward)."""
+    + the con view's unified joint pass (forward only: their outputs are discarded, so no backward)."""
     cfg = tiny()
     m = cfg.model
     d, hidden = m.embed_dim, int(m.embed_dim * m.mlp_ratio)
     ka = int(m.num_patches_a * (1 - cfg.masking.rec_ratio))
     kv = int(m.num_patches_v * (1 - cfg.masking.rec_ratio))
+    ca = int(m.num_patches_a * (1 - cfg.masking.con_ratio))
+    cv = int(m.num_patches_v * (1 - cfg.masking.con_ratio))
     waste = m.joint_depth * (_block([m.num_patches_a + m.num_patches_v], d, hidden)
-                             + _block([1 + ka], d, hidden) + _block([1 + kv], d, hidden))
+                             + _block([1 + ka], d, hidden) + _block([1 + kv], d, hidden)
+                             + _block([ca + cv], d, hidden))
     off, ours = rows["reference, official schedule"], rows["reference, tgdp schedule"]
     assert off["total"] - ours["total"] == waste
 

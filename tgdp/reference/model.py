@@ -185,8 +185,8 @@ class CAVMAESync(nn.Module):
                         schedule: str = "fast") -> StudentOutput:
         """Two plain encoder passes: ``rec`` view -> decoder predictions; ``con`` view -> CLS globals.
 
-        schedule "official" also runs (and discards) the rec view's a/v joint passes, as the
-        official dual path does; only for counting FLOPs.
+        schedule "official" also runs (and discards) the rec view's a/v joint passes and the con
+        view's unified joint pass, as the official dual path does; only for counting FLOPs.
         """
         self._check(audio, frames, schedule)
         b = audio.shape[0]
@@ -199,6 +199,8 @@ class CAVMAESync(nn.Module):
         if schedule == "official":
             self.joint_modal(ra, "a"), self.joint_modal(rv, "v")
         ca, cv = self.encode_specific(a, v, con)
+        if schedule == "official":
+            self.joint_unified(ca, cv)
         return StudentOutput(pred_a, pred_v, self.joint_modal(ca, "a"), self.joint_modal(cv, "v"))
 
     def teacher_forward(self, audio: Tensor, frames: Tensor, *, direction: str = "patch_to_cls",
