@@ -7,7 +7,13 @@ Observed on this CPU box (DALI 2.4 vs PIL 13, libjpeg-turbo on both sides):
   0.10 (32 -> 16), 0.14 (64 -> 48); mean 0.004-0.007 normalised units (x 0.226 for [0, 1] pixels).
   Stored frames are 224, so the paper config never resizes; the tiny config (96) does;
 - audio windows: bit-identical (same FLAC samples, same torch fbank/window code).
+
+Order and frames are planned per (seed, epoch) in Python, so DALI's train frames equal the torch
+path's draws, epochs differ, a fresh loader at epoch e replays epoch e, and corrupt samples (found
+by a probe when DALI raises) leave the other samples' order unchanged.
 """
+
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -98,7 +104,7 @@ def test_train_frame_choice_reproducible_from_seed(root):
     assert len(a) == 6 and all(len(x) == 2 for x in a)  # 5 samples, batch 2: last partial batch dropped
     seen = [f for x in a for _, f in x]
     assert all(0 <= f < 16 for f in seen) and len(set(seen)) >= 4
-    # the DALI-chosen frame gets the audio window and image of that frame, as the torch path forced to it
+    # the planned frame gets the audio window and image of that frame, as the torch path forced to it
     b = batches[0]
     for j, i in enumerate(b.ids):
         f = int(b.frame_idx[j])
@@ -152,3 +158,127 @@ def test_dali_mel_variant_in_loader(root):
     assert b.audio.shape == t.audio.shape and torch.isfinite(b.audio).all()
     diff = (b.audio - t.audio).abs() * 4.4849  # back to log units
     assert diff.max() < 10.0 and diff[:, :, 10:].median() < 0.5
+
+
+# ----------------------------------------------------------------------------- epochs and resume
+
+
+def _epoch(ld, epoch):
+    ld.set_epoch(epoch)
+    return list(ld)
+
+
+def _trace(batches):
+    """Everything a batch carries, for exact comparisons between runs."""
+    return [(b.ids, b.frame_idx.tolist(), b.audio, b.frames) for b in batches]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x[:2] == y[:2] and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3])
+                                    for x, y in zip(a, b))
+
+
+def test_epochs_differ_and_fresh_loader_replays_epoch(root):
+    kw = dict(data=DataConfig(time_shift=0.2), img_size=S, batch_size=2, seed=7, drop_last=False)
+    a = DaliLoader(root, "train", **kw)
+    runs = [_trace(_epoch(a, e)) for e in range(3)]
+    orders = [[(i, f) for ids, fr, _, _ in r for i, f in zip(ids, fr)] for r in runs]
+    for o in orders:  # every epoch delivers every clip once
+        assert sorted(i for i, _ in o) == [f"clip{i:03d}" for i in range(5)]
+    assert len({tuple(o) for o in orders}) == 3  # order and/or frames change with the epoch
+    assert len({tuple(i for i, _ in o) for o in orders}) >= 2  # the order itself changes
+    fresh = DaliLoader(root, "train", **kw)
+    assert _same(_trace(_epoch(fresh, 2)), runs[2])  # a resumed run replays epoch 2 exactly
+    assert _same(_trace(_epoch(fresh, 0)), runs[0])
+    # the frames are the torch path's draws for (seed, epoch, id): both paths see the same frames
+    for e in range(3):
+        ds = ShardDataset(root, "train", data=DataConfig(shuffle_buffer=1), img_size=S, seed=7)
+        ds.set_epoch(e)
+        assert dict(orders[e]) == {it["id"]: int(it["frame_idx"][0]) for it in ds}
+
+
+# ----------------------------------------------------------------------------- corrupt samples
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(tmp_path_factory):
+    """Two shards, good clips mixed with: a truncated JPEG (every frame), garbage FLAC, a missing
+    frame, 8 kHz audio and broken JSON; the first shard has no .idx (scanned), the second has one."""
+    r = tmp_path_factory.mktemp("dali_corrupt")
+    g = [good_sample(i) for i in range(6)]
+    k, m, f, j = g[0]
+    bad = [("badjpg", parts_of("badjpg", meta("badjpg", 24000), f, [x[: len(x) // 2] for x in j])),
+           ("badflac", parts_of("badflac", meta("badflac", 24000), b"fLaC" + bytes(range(256)) * 8, j)),
+           ("nojpg", {e: v for e, v in parts_of("nojpg", meta("nojpg", 24000), f, j).items() if e != "f03.jpg"}),
+           ("sr8k", parts_of("sr8k", meta("sr8k", 12000), flac(tone(1.5, 300)[:12000], 8000), j)),
+           ("badjson", {**parts_of("badjson", m, f, j), "json": b"{not json"})]
+    ok = [(s[0], parts_of(*s)) for s in g]
+    write_raw_shard(r, "shard-000000.tar", [ok[0], bad[0], ok[1], bad[1], ok[2]])
+    write_raw_shard(r, "shard-000001.tar", [ok[3], bad[2], bad[3], ok[4], bad[4], ok[5]])
+    from tgdp.data.dali import scan_shard
+    lines = [" ".join(f"{e} {o} {n} {name}" for e, (o, n, name) in mem.items())
+             for _, mem, _ in scan_shard(r / "shard-000001.tar")]
+    (r / "shard-000001.idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    m = new_manifest(img_size=S)
+    m["shards"] = [{"path": "shard-000000.tar", "count": 5}, {"path": "shard-000001.tar", "count": 6}]
+    write_manifest(r, m)
+    return r
+
+
+GOOD = [f"clip{i:03d}" for i in range(6)]
+BAD = {"bad image": 1, "bad audio": 1, "missing member": 1, "wrong sample rate": 1, "bad metadata": 1}
+
+
+def test_corrupt_samples_skipped_counted_like_torch(corrupt_root):
+    ld = DaliLoader(corrupt_root, "eval", img_size=S, batch_size=2)
+    batches = list(ld)
+    torch_ld = TorchLoader(ShardDataset(corrupt_root, "eval", img_size=S), 2)
+    ref = list(torch_ld)
+    assert [i for b in batches for i in b.ids] == [i for b in ref for i in b.ids] == GOOD  # none lost, none added
+    assert dict(ld.skipped) == dict(torch_ld.skipped) == BAD
+    assert sum((Counter(b.skipped) for b in batches), Counter()) == BAD  # reported with the batches
+    assert set(ld.bad.values()) == {"bad image", "bad audio"}
+    t, d = _rows(ref), _rows(batches)
+    assert all(torch.equal(t[k][0], d[k][0]) and (t[k][1] - d[k][1]).abs().max() <= FRAME_TOL_SAME_SIZE for k in t)
+    again = list(ld)  # known bad samples are planned out, and counted again once in this pass
+    assert [i for b in again for i in b.ids] == GOOD and dict(ld.skipped) == {k: 2 * v for k, v in BAD.items()}
+
+
+def test_corrupt_found_mid_epoch_keeps_the_epoch_of_a_run_that_knew(corrupt_root):
+    kw = dict(img_size=S, batch_size=2, seed=3, drop_last=False)
+    knew = DaliLoader(corrupt_root, "train", **kw)
+    _epoch(knew, 0)  # finds the undecodable samples
+    before = dict(knew.skipped)
+    ref = _trace(_epoch(knew, 1))  # planned without them
+    fresh = DaliLoader(corrupt_root, "train", **kw)
+    probes, find = [], fresh._find_bad
+    fresh._find_bad = lambda cands: probes.append(cands[0][1]) or find(cands)
+    got = _trace(_epoch(fresh, 1))  # meets them in the middle of the epoch
+    assert len(probes) == 2 and probes[-1] != got[0][0][0]  # a probe started after the first delivered batch
+    assert _same(got, ref)
+    assert sorted(i for ids, *_ in got for i in ids) == GOOD
+    assert dict(fresh.skipped) == BAD and {k: knew.skipped[k] - before.get(k, 0) for k in BAD} == BAD
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_truncated_tar_loses_only_the_cut_samples(tmp_path, with_index):
+    write_dataset(tmp_path, [3, 2])
+    tar = tmp_path / "shard-000000.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) * 2 // 3])  # cut inside the third sample
+    if not with_index:  # the header scan stops at the cut (tarfile reads what it can)
+        tar.with_suffix(".idx").unlink()
+    ld = DaliLoader(tmp_path, "eval", img_size=S, batch_size=2)
+    assert [i for b in ld for i in b.ids] == ["clip000", "clip001", "clip003", "clip004"]
+    assert dict(ld.skipped) == {"bad shard": 1}
+
+
+def test_loader_argument_errors(root):
+    for kw, match in ((dict(rank=2, world_size=2), "rank"), (dict(batch_size=0), "batch_size"),
+                      (dict(num_threads=0), "num_threads"), (dict(frame=16), "frame"), (dict(mel="x"), "mel")):
+        with pytest.raises(ValueError, match=match):
+            DaliLoader(root, "eval", **kw)
+    with pytest.raises(ValueError, match="mode"):
+        DaliLoader(root, "test")
+    with pytest.raises(ValueError, match="epoch"):
+        DaliLoader(root, "eval").set_epoch(-1)

@@ -292,3 +292,24 @@ def test_dataset_argument_errors(ds_root):
         ShardDataset(root, "eval", rank=2, world_size=2)
     with pytest.raises(ValueError, match="frame"):
         ShardDataset(root, "eval", frame=16)
+
+
+def test_package_exports_are_lazy():
+    # prepare/demo workers import only shards/clip_decode: they must not pay for importing torch
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, tgdp.data.shards, tgdp.data.clip_decode\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "from tgdp.data import fbank, make_loader, read_manifest, window_starts, synthetic\n"
+            "import tgdp.data, tgdp.data.fbank as fb_mod\n"
+            "from tgdp.data.fbank import fbank as f2\n"
+            "assert fbank is f2 is tgdp.data.fbank and callable(fbank), fbank  # the function, not the module\n"
+            "assert make_loader.__module__ == 'tgdp.data.loader' and synthetic.__name__ == 'tgdp.data.synthetic'\n"
+            "assert sorted(tgdp.data.__all__) == sorted(n for n in tgdp.data.__all__ if hasattr(tgdp.data, n))\n"
+            "try:\n    tgdp.data.nope\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -1,40 +1,63 @@
 """NVIDIA DALI data path over the webdataset shards (same Batch as :mod:`tgdp.data.loader`).
 
-DALI reads the tars (``fn.readers.webdataset``, sharded by rank with ``shard_id``/``num_shards``,
-shuffled in a seeded buffer), picks the frame (seeded ``fn.random.uniform`` in train, the fixed
-``data.eval_frame`` in eval, or a forced ``frame``), decodes only that JPEG (nvJPEG ``"mixed"`` on a
-GPU, ``"cpu"`` with ``device_id=None``), resizes the short side (cubic) and centre-crops/normalises
-in ``crop_mirror_normalize``, and decodes the FLAC. The log-Mel and the audio window are then
-computed by the *same torch code* as the torch path (:func:`tgdp.data.fbank.fbank`,
-:func:`tgdp.data.windows.audio_windows`) on the device the batch lands on, so both paths agree to
-float rounding. ``mel="dali"`` swaps in the all-DALI log-Mel (:func:`dali_logmel`), which is *not*
-Kaldi-exact (see its docstring).
+Each pass (epoch) is planned in Python from the shards' ``.idx`` files (or a header scan of the tar):
+the shard order and a full permutation of each shard's samples are drawn from ``(seed, epoch)``
+(train), the sequence is cut into ``world_size`` contiguous parts (one per rank), and each train
+sample's frame is drawn like the torch path's (:func:`tgdp.data.loader.sample_generator` on its
+key). The plan is written as per-run index files where the chosen frame is the member ``img``, so
+DALI's ``fn.readers.webdataset`` reads sequentially (no DALI shuffle, no DALI RNG) and reads and
+decodes only that JPEG (nvJPEG ``"mixed"`` on a GPU, ``"cpu"`` with ``device_id=None``); it then
+resizes the short side (cubic), centre-crops/normalises (``crop_mirror_normalize``) and decodes the
+FLAC. The log-Mel and audio window are computed by the *same torch code* as the torch path
+(:func:`tgdp.data.fbank.fbank`, :func:`tgdp.data.windows.audio_windows`) on the device the batch
+lands on, so both paths agree to float rounding. ``mel="dali"`` swaps in the all-DALI log-Mel
+(:func:`dali_logmel`), which is *not* Kaldi-exact (see its docstring).
 
-Corrupt data: samples with a missing member are dropped by the reader (``missing_component_behavior
-="skip"``, not counted individually); rows with a wrong sample rate or audio shorter than one fbank
-frame are dropped after the pipeline and counted in ``skipped``; an undecodable JPEG/FLAC raises
-inside DALI (the DALI path expects shards written by ``tgdp.prepare``; use the torch loader to
-audit untrusted shards).
+So an epoch is a function of (seed, epoch): ``set_epoch(e)`` on a fresh loader replays epoch e.
+Mixing: a batch holds consecutive samples of the permuted sequence, i.e. mostly one shard (256
+clips from ``tgdp.prepare``, which sorts inputs by id); ``data.shuffle_buffer`` is not used here.
+
+Corrupt data is skipped and counted (``skipped``), never replaced, each sample once per epoch:
+
+- a missing or empty member ("missing member"), or one past the end of a truncated tar ("bad
+  shard", per sample): seen in the index, never handed to DALI (no cost);
+- wrong sample rate, audio shorter than one fbank frame, unreadable JSON: dropped after the pipeline;
+- an undecodable JPEG/FLAC: DALI raises and its pipeline is dead. The loader probes the samples that
+  can be in flight (at most ``(PREFETCH + 1) * batch_size``, from the first one not yet delivered)
+  with a synchronous batch-1 pipeline, records the first failing one in ``bad`` ("bad image" /
+  "bad audio"), and rebuilds the pipeline from the first undelivered sample without it. Cost per
+  corrupt sample: two pipeline builds plus decoding up to ``3 * batch_size`` samples once; later
+  epochs leave it out of the plan. Removing a sample does not move the others, so a run that meets
+  a corrupt sample mid-epoch delivers exactly the batches of a run that knew it from the start.
 
 Nothing here is imported by ``import tgdp.data``; DALI is imported inside functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import random
+import shutil
+import tarfile
+import tempfile
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
 from tgdp.data.loader import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator
-from tgdp.data.shards import read_manifest
+from tgdp.data.shards import read_index, read_manifest
 from tgdp.data.windows import audio_windows
 
-__all__ = ["dali_available", "DaliLoader", "build_pipeline", "dali_logmel", "dali_logmel_numpy"]
+__all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
+
+PREFETCH = 2  # DALI prefetch_queue_depth: batches that can be in flight past the last one delivered
 
 
 def dali_available() -> bool:
@@ -104,25 +127,21 @@ def dali_logmel_numpy(waves: list, sample_rate: int = 16000, num_mel_bins: int =
     (out,) = p.run()
     return [np.array(out[i]) for i in range(len(waves))]
 
-
-def build_pipeline(paths: list[str], index_paths: list[str] | None, *, mode: str, frames_per_clip: int = 16,
+def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool, frames_per_clip: int = 16,
                    img_size: int = 224, batch_size: int = 8, num_threads: int = 2, device_id: int | None = None,
-                   rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 256,
-                   frame: int | None = None, mel: str = "torch", sample_rate: int = 16000, shuffle: bool = False):
-    """The DALI pipeline. Outputs: json (space-padded bytes), audio (zero-padded ``[N]``), alen ``[1]``,
-    sr, frames (``[3, S, S]`` or ``frames_per_clip`` of them in retrieval), idx, and logmel if ``mel="dali"``.
+                   seed: int = 0, mel: str = "torch", sample_rate: int = 16000, probe: bool = False):
+    """The DALI pipeline over per-run index files written by :class:`DaliLoader` (see the module doc).
+
+    The reader is sequential (no DALI shuffle, no DALI RNG): order and frame choice live in the index.
+    Outputs: json (space-padded bytes), audio (zero-padded ``[N]``), alen ``[1]``, sr, then the frame
+    ``[3, S, S]`` (member ``img``) or all ``frames_per_clip`` frames (retrieval), and logmel
+    ``[F, 128]`` if ``mel="dali"``. ``probe=True``: synchronous executor, so the error of iteration i
+    belongs to sample i (batch_size 1).
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")
-    k = frames_per_clip
-    train = mode == "train"
-    if frame is None and mode == "eval":
-        raise ValueError("mode='eval' needs the fixed frame (data.eval_frame) as frame=")
-    if frame is not None and not 0 <= frame < k:
-        raise ValueError(f"frame={frame} must be in [0, {k})")
     gpu = device_id is not None
+    exts = ["json", "flac"] + ([f"f{i:02d}.jpg" for i in range(frames_per_clip)] if retrieval else ["img"])
 
     def image(enc):
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -131,29 +150,13 @@ def build_pipeline(paths: list[str], index_paths: list[str] | None, *, mode: str
                                         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
                                         dtype=types.FLOAT, output_layout="CHW")
 
-    @pipeline_def(enable_conditionals=True)
+    @pipeline_def
     def _pipe():
-        outs = fn.readers.webdataset(paths=paths, index_paths=index_paths,
-                                     ext=["json", "flac"] + [f"f{i:02d}.jpg" for i in range(k)],
-                                     missing_component_behavior="skip", shard_id=rank, num_shards=world_size,
-                                     random_shuffle=shuffle, initial_fill=max(1, shuffle_buffer), seed=seed,
-                                     name="Reader")
+        # "error": the loader never lists a sample with a missing member, so one here is a bug.
+        outs = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=exts, random_shuffle=False,
+                                     missing_component_behavior="error", name="Reader")
         meta, flac, jpgs = outs[0], outs[1], list(outs[2:])
-        if mode == "retrieval":
-            idx = fn.constant(idata=0, shape=[], dtype=types.INT32)
-            frames = [image(j) for j in jpgs]
-        else:
-            if frame is None and train:
-                idx = fn.random.uniform(values=list(range(k)), dtype=types.INT32, seed=seed + 1)
-            else:
-                idx = fn.constant(idata=frame, shape=[], dtype=types.INT32)
-            # No per-sample "select" operator: a chain of conditionals routes each sample's chosen
-            # encoded frame, so only one JPEG per sample is decoded.
-            enc = jpgs[0]
-            for i in range(1, k):
-                if idx == i:
-                    enc = jpgs[i]
-            frames = [image(enc)]
+        frames = [image(j) for j in jpgs]
         audio, sr = fn.decoders.audio(flac, dtype=types.FLOAT, downmix=False)
         audio = audio[:, 0]
         alen = audio.shape()
@@ -164,19 +167,60 @@ def build_pipeline(paths: list[str], index_paths: list[str] | None, *, mode: str
         if gpu:
             padded = padded.gpu()
             extra = [e.gpu() for e in extra]
-        return (fn.pad(meta, fill_value=32), padded, alen, sr, idx, *frames, *extra)
+        return (fn.pad(meta, fill_value=32), padded, alen, sr, *frames, *extra)
 
-    return _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                 prefetch_queue_depth=2)
+    sync = dict(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1) if probe else \
+        dict(prefetch_queue_depth=PREFETCH)
+    return _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, **sync)
+
+
+def scan_shard(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int, str]], bool]]:
+    """``(key, {ext: (data offset, size, member name)}, complete)`` per sample of one tar, in tar order.
+
+    From the ``.idx`` next to the tar when there is one (a text file: no tar read), else from the
+    tar headers (``tarfile`` seeks from header to header; the payloads are not read). A header scan
+    that hits the end of a truncated tar keeps what it read; the sample it was in is not complete.
+    """
+    idx = tar_path.with_suffix(".idx")
+    if idx.is_file():
+        return [(s[0][3].rsplit("/", 1)[-1].split(".", 1)[0], {e: (o, n, name) for e, o, n, name in s}, True)
+                for s in read_index(idx)]
+    out, key, parts, complete = [], None, {}, True
+    with tarfile.open(tar_path, "r:") as tar:
+        try:
+            for m in tar:
+                base = m.name.rsplit("/", 1)[-1]
+                if not m.isfile() or base.startswith(".") or "." not in base:
+                    continue
+                k, ext = base.split(".", 1)
+                if k != key:
+                    if key is not None:
+                        out.append((key, parts, True))
+                    key, parts = k, {}
+                parts[ext] = (m.offset_data, m.size, m.name)
+        except (tarfile.ReadError, EOFError):
+            complete = False
+    if key is not None:
+        out.append((key, parts, complete))
+    return out
+
+
+def _reason(message: str) -> str:
+    """Skip-counter key for a DALI error message (same keys as the torch loader where they exist)."""
+    for op, reason in (("decoders.image", "bad image"), ("decoders.audio", "bad audio"),
+                       ("readers.webdataset", "bad shard")):
+        if op in message:
+            return reason
+    return "bad sample"
 
 
 class DaliLoader:
     """Iterable of :class:`Batch` from a DALI pipeline; same contract as :class:`tgdp.data.loader.TorchLoader`.
 
     ``device_id`` defaults to the CUDA device of ``device`` (or the current one) when CUDA is
-    available, else ``None`` (CPU operators). Frame choice: seeded DALI RNG (train), ``data.eval_frame``
-    (eval) or ``frame`` when given. Time shifts use :func:`tgdp.data.loader.sample_generator` like the
-    torch path.
+    available, else ``None`` (CPU operators). Order, rank split and frame choice are planned in
+    Python per epoch (module doc); ``skipped`` counts corrupt samples, each once per epoch it is met.
+    ``bad`` maps ``(shard path, key)`` -> reason for the undecodable samples found so far.
     """
 
     backend = "dali"
@@ -185,12 +229,15 @@ class DaliLoader:
                  batch_size: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
                  device=None, device_id: int | None | str = "auto", frame: int | None = None, mel: str = "torch",
                  shuffle: bool | None = None, drop_last: bool | None = None):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")
         if mel not in ("torch", "dali"):
             raise ValueError(f"mel={mel!r} must be 'torch' or 'dali'")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        for name, v in (("batch_size", batch_size), ("num_threads", num_threads)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive int")
         if data is None:
             from tgdp.configs import DataConfig
             data = DataConfig()
@@ -203,49 +250,196 @@ class DaliLoader:
             else:
                 device_id = None
         root = Path(root).expanduser()
-        shards = read_manifest(root)["shards"]
-        paths = [str(root / s["path"]) for s in shards]
-        idx = [str(Path(p).with_suffix(".idx")) for p in paths]
-        index_paths = idx if all(Path(p).is_file() for p in idx) else None
         self.mode, self.data, self.audio_length, self.seed, self.epoch = mode, data, audio_length, seed, 0
-        self.mel, self.device = mel, device
+        self.mel, self.device, self.rank, self.world_size = mel, device, rank, world_size
+        self.frame = data.eval_frame if (mode == "eval" and frame is None) else frame
+        self.shuffle = (mode == "train") if shuffle is None else shuffle
+        self.drop_last = (mode == "train") if drop_last is None else drop_last
+        self._opts = dict(retrieval=mode == "retrieval", frames_per_clip=data.frames_per_clip, img_size=img_size,
+                          num_threads=num_threads, device_id=device_id, mel=mel, sample_rate=data.sample_rate)
+        self.batch_size = batch_size
         self.skipped: Counter = Counter()
-        k = data.frames_per_clip
-        frame = data.eval_frame if (mode == "eval" and frame is None) else frame
-        self.pipe = build_pipeline(paths, index_paths, mode=mode, frames_per_clip=k, img_size=img_size,
-                                   batch_size=batch_size, num_threads=num_threads, device_id=device_id, rank=rank,
-                                   world_size=world_size, seed=seed, shuffle_buffer=data.shuffle_buffer,
-                                   frame=frame, mel=mel, sample_rate=data.sample_rate,
-                                   shuffle=(mode == "train") if shuffle is None else shuffle)
-        drop_last = (mode == "train") if drop_last is None else drop_last
-        nf = k if mode == "retrieval" else 1
-        self._names = ["json", "audio", "alen", "sr", "idx"] + [f"f{i}" for i in range(nf)] + \
+        self._bad: dict[tuple[int, int], str] = {}  # (shard, sample) -> reason
+        # Catalog, per shard: keys, member-name prefixes and [n, 2 + K] offsets/sizes in member_exts
+        # order (16 bytes per member: 58 MB for 200k clips). Size 0 = missing or empty member (as
+        # the torch loader counts it): such a sample never reaches DALI; it is counted in its turn.
+        self._exts = ["json", "flac"] + [f"f{i:02d}.jpg" for i in range(data.frames_per_clip)]
+        self._shards, self._bad_tars = [], 0
+        for s in read_manifest(root)["shards"]:
+            path = str(root / s["path"])
+            try:
+                samples = scan_shard(Path(path))
+            except (tarfile.TarError, OSError, ValueError):
+                samples = []
+                self._bad_tars += 1  # unreadable tar: "bad shard", counted once per epoch by rank 0
+            none = (0, 0, "")
+            cols = [[m.get(e, none) for e in self._exts] for _, m, _ in samples]
+            off = np.array([[c[0] for c in row] for row in cols], np.int64).reshape(-1, len(self._exts))
+            size = np.array([[c[1] for c in row] for row in cols], np.int64).reshape(off.shape)
+            prefix = [m.get("json", none)[2][: -len("json")] for _, m, _ in samples]
+            # A member past the end of the tar (truncated after its .idx was written) would fail in
+            # DALI's reader, where the probe cannot pin it down: it is left out like the torch
+            # loader's "bad shard" (which also loses the rest of that shard).
+            cut = (off + size > (Path(path).stat().st_size if samples else 0)).any(1)
+            cut |= np.array([not c for _, _, c in samples], bool)
+            flaw = {i: "bad shard" if c else "missing member"
+                    for i, (empty, c) in enumerate(zip((size == 0).any(1), cut)) if empty or c}
+            self._shards.append((path, [k for k, _, _ in samples], prefix, off, size, flaw))
+        self._tmp = tempfile.mkdtemp(prefix="tgdp-dali-")
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self._runs = 0
+        nf = data.frames_per_clip if mode == "retrieval" else 1
+        self._names = ["json", "audio", "alen", "sr"] + [f"f{i}" for i in range(nf)] + \
             (["logmel"] if mel == "dali" else [])
-        self._it = DALIGenericIterator([self.pipe], self._names, reader_name="Reader", auto_reset=True,
-                                       last_batch_policy=LastBatchPolicy.DROP if drop_last
-                                       else LastBatchPolicy.PARTIAL)
+
+    @property
+    def bad(self) -> dict[tuple[str, str], str]:
+        """``(shard path, key) -> reason`` of the undecodable samples found so far."""
+        return {(self._shards[s][0], self._shards[s][1][i]): r for (s, i), r in self._bad.items()}
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # seeds the per-sample time shift; DALI reshuffles by itself each epoch
+        """Order, rank split and frames (and time shifts) of the next pass are drawn from (seed, epoch)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be a non-negative int")
+        self.epoch = epoch
+
+    # ------------------------------------------------------------------ plan
+
+    def _plan(self, epoch: int) -> tuple[list[tuple[int, int, int]], Counter]:
+        """This rank's samples of one epoch, in order, as ``(shard, sample, frame)`` (frame -1: all),
+        and the skip counts of the corrupt samples in its share (missing members, known undecodable)."""
+        order = list(range(len(self._shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}:dali-shards").shuffle(order)
+        seq = []
+        for s in order:
+            ids = [(s, i) for i in range(len(self._shards[s][1]))]
+            if self.shuffle:  # a full permutation of the shard (256 clips from tgdp.prepare)
+                random.Random(f"{self.seed}:{epoch}:{self._shards[s][0]}").shuffle(ids)
+            seq += ids
+        n, r, w = len(seq), self.rank, self.world_size
+        # Split the whole sequence (corrupt samples included): which rank gets what, and the order
+        # of the good samples, do not depend on which samples turn out to be corrupt.
+        plan, skipped = [], Counter({"bad shard": self._bad_tars if r == 0 else 0})
+        for s, i in seq[r * n // w:(r + 1) * n // w]:
+            if i in self._shards[s][5]:
+                skipped[self._shards[s][5][i]] += 1
+            elif (s, i) in self._bad:
+                skipped[self._bad[s, i]] += 1
+            else:
+                plan.append((s, i, self._frame_of(self._shards[s][1][i], epoch)))
+        return plan, +skipped
+
+    def _frame_of(self, key: str, epoch: int) -> int:
+        if self.mode == "retrieval":
+            return -1
+        if self.frame is not None:
+            return self.frame
+        # The torch loader's draw for a sample whose id is its key (ids from tgdp.prepare usually are).
+        return int(torch.randint(self.data.frames_per_clip, (1,), generator=sample_generator(self.seed, epoch, key)))
+
+    def _write_indexes(self, plan) -> tuple[list[str], list[str]]:
+        """Index files for ``plan`` (one per run of consecutive samples of one shard) -> (paths, index_paths)."""
+        for old in Path(self._tmp).iterdir():  # the pipelines reading them are gone
+            shutil.rmtree(old, ignore_errors=True)
+        self._runs += 1
+        d = Path(self._tmp) / f"run{self._runs}"
+        d.mkdir()
+        paths, idx, groups = [], [], []
+        for s, i, f in plan:
+            path, _, prefix, off, size, _ = self._shards[s]
+            if not paths or paths[-1] != path:
+                paths.append(path)
+                groups.append([])
+            # the chosen frame under the extension "img": DALI reads and decodes only that JPEG
+            cols = range(len(self._exts)) if f < 0 else (0, 1, 2 + f)
+            groups[-1].append(" ".join(f"{self._exts[c] if f < 0 or c < 2 else 'img'} {off[i, c]} {size[i, c]} "
+                                       f"{prefix[i]}{self._exts[c]}" for c in cols))
+        for j, lines in enumerate(groups):
+            idx.append(str(d / f"{j:06d}.idx"))
+            Path(idx[-1]).write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        return paths, idx
+
+    def _pipeline(self, plan, probe: bool = False):
+        paths, idx = self._write_indexes(plan)
+        seed = int.from_bytes(hashlib.blake2b(f"{self.seed}:{self.epoch}".encode(), digest_size=4).digest(), "little")
+        pipe = build_pipeline(paths, idx, batch_size=1 if probe else self.batch_size, seed=seed, probe=probe,
+                              **self._opts)
+        pipe.build()
+        return pipe
+
+    def _find_bad(self, cands) -> tuple[int, str] | None:
+        """Index into ``cands`` of the first sample DALI cannot process, and why (None: all fine)."""
+        pipe = self._pipeline(cands, probe=True)
+        for i in range(len(cands)):
+            try:
+                pipe.run()
+            except RuntimeError as exc:
+                return i, _reason(str(exc))
+        return None
+
+    # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Batch]:
-        for out in self._it:
-            b = self._to_batch(out[0])
-            if len(b):
-                yield b
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    def _to_batch(self, o: dict) -> Batch:
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        plan, carry = self._plan(self.epoch)
+        self.skipped.update(carry)
+        pos = 0  # first plan entry not yet delivered (or dropped after the pipeline)
+        while pos < len(plan) and not (self.drop_last and len(plan) - pos < self.batch_size):
+            it = None
+            try:
+                it = DALIGenericIterator([self._pipeline(plan[pos:])], self._names, reader_name="Reader",
+                                         auto_reset=False, last_batch_policy=policy)
+                while True:
+                    try:
+                        out = next(it)[0]
+                    except StopIteration:
+                        pos = len(plan)
+                        break
+                    n = out["json"].shape[0]
+                    b = self._to_batch(out, plan[pos:pos + n])
+                    pos += n
+                    carry.update(b.skipped)
+                    if len(b):
+                        b.skipped = dict(+carry)
+                        carry = Counter()
+                        yield b
+            except RuntimeError:
+                # An undecodable member: DALI's pipeline is dead. Find the sample (a synchronous probe
+                # over the batches that can be in flight), count it, and go on without it from `pos`.
+                del it
+                found = self._find_bad(plan[pos:pos + (PREFETCH + 1) * self.batch_size])
+                if found is None:
+                    raise
+                i, reason = found
+                self._bad[plan[pos + i][:2]] = reason
+                self.skipped[reason] += 1
+                carry[reason] += 1
+                del plan[pos + i]
+
+    def _to_batch(self, o: dict, entries: list) -> Batch:
+        """One DALI batch -> :class:`Batch`; ``entries`` are its rows' plan entries (row order)."""
         d, k = self.data, self.data.frames_per_clip
         # json, sr and lengths are CPU outputs of the pipeline: reading them costs no device sync.
-        metas = [json.loads(bytes(row.tolist()).decode()) for row in o["json"]]
+        metas = []
+        for row in o["json"]:
+            try:
+                m = json.loads(bytes(row.tolist()).decode())
+                ok = isinstance(m, dict) and len(m["frame_times"]) == k
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            metas.append(m if ok else None)
+        bad_meta = torch.tensor([m is None for m in metas], dtype=torch.bool)
         sr = o["sr"].reshape(-1).round().long()
         lengths = o["alen"].reshape(-1).long()
-        bad_sr = sr != d.sample_rate
-        short = ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
-        skipped = Counter({"wrong sample rate": int(bad_sr.sum()), "short audio": int(short.sum())})
-        skipped = +skipped  # drop zero counts
+        bad_sr = ~bad_meta & (sr != d.sample_rate)
+        short = ~bad_meta & ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
+        skipped = +Counter({"bad metadata": int(bad_meta.sum()), "wrong sample rate": int(bad_sr.sum()),
+                            "short audio": int(short.sum())})
         self.skipped.update(skipped)
-        keep = (~bad_sr & ~short).nonzero().reshape(-1)
+        keep = (~bad_meta & ~bad_sr & ~short).nonzero().reshape(-1)
         metas = [metas[i] for i in keep.tolist()]
         per = k if self.mode == "retrieval" else 1
         if not metas:
@@ -257,7 +451,7 @@ class DaliLoader:
             fidx = torch.arange(k).repeat(len(metas))
         else:
             frames = o["f0"][keep.to(o["f0"].device)]
-            fidx = o["idx"].reshape(-1).long()[keep]
+            fidx = torch.tensor([entries[i][2] for i in keep.tolist()], dtype=torch.long)
         if self.mel == "dali":
             fb = o["logmel"][keep.to(o["logmel"].device)].float()
         else:
