@@ -273,6 +273,48 @@ def test_truncated_tar_loses_only_the_cut_samples(tmp_path, with_index):
     assert dict(ld.skipped) == {"bad shard": 1}
 
 
+def test_plan_partitions_ranks_counts_flaws_and_indexes_the_frame(tmp_path):
+    """tgdp.data.dali_plan on a hand-made catalog (no DALI run): the ranks' parts are disjoint and,
+    with the skipped samples, cover every sample once; each shard's samples stay consecutive; the
+    order is a function of (seed, epoch); the index files name the planned frame ``img`` at its offset."""
+    from tgdp.data.dali import scan_shard as reexported
+    from tgdp.data.dali_plan import ShardEntry, plan_epoch, scan_shard, write_indexes
+    from tgdp.data.shards import read_index
+    assert reexported is scan_shard
+    exts = ["json", "flac"] + [f"f{i:02d}.jpg" for i in range(16)]
+
+    def entry(s, n, flaw):
+        off = np.array([[10_000 * s + 100 * i + c for c in range(18)] for i in range(n)], np.int64)
+        return ShardEntry(f"/d/s{s}.tar", [f"k{s}{i}" for i in range(n)], [f"k{s}{i}." for i in range(n)],
+                          off, np.ones_like(off), flaw)
+
+    shards = [entry(0, 4, {1: "missing member"}), entry(1, 3, {}), entry(2, 5, {})]
+    bad, frame_of = {(1, 2): "bad image"}, lambda key, e: (int(key[1:]) + e) % 16
+
+    def plan(epoch, rank=0, world=1, seed=5):
+        return plan_epoch(shards, bad, epoch=epoch, seed=seed, shuffle=True, rank=rank, world_size=world,
+                          bad_tars=1, frame_of=frame_of)
+
+    parts = [plan(0, r, 3) for r in range(3)]
+    got = [(s, i) for p, _ in parts for s, i, _ in p]
+    assert len(got) == len(set(got)) == 10 and set(got) == {(s, i) for s, n in enumerate((4, 3, 5)) for i in range(n)} - {(0, 1), (1, 2)}
+    assert sum((c for _, c in parts), Counter()) == {"missing member": 1, "bad image": 1, "bad shard": 1}
+    assert parts[0][1]["bad shard"] == 1                                    # unreadable tars: rank 0 only
+    full, _ = plan(0)
+    assert [(s, i) for s, i, _ in full] == got                              # rank parts are contiguous
+    runs = [s for j, (s, _, _) in enumerate(full) if j == 0 or full[j - 1][0] != s]
+    assert sorted(runs) == [0, 1, 2]                                        # one run per shard
+    assert all(f == frame_of(f"k{s}{i}", 0) for s, i, f in full)
+    assert plan(3) == plan(3) and len({tuple(plan(e)[0]) for e in range(4)}) > 1
+    paths, idx = write_indexes(tmp_path / "run", shards, exts, full)
+    assert paths == [shards[s].path for s in runs]
+    lines = [fields for f in idx for fields in read_index(f)]
+    assert len(lines) == len(full)
+    for fields, (s, i, f) in zip(lines, full):
+        assert [e for e, *_ in fields] == ["json", "flac", "img"]
+        assert fields[2][1:] == (10_000 * s + 100 * i + 2 + f, 1, f"k{s}{i}.{exts[2 + f]}")
+
+
 def test_loader_argument_errors(root):
     for kw, match in ((dict(rank=2, world_size=2), "rank"), (dict(batch_size=0), "batch_size"),
                       (dict(num_threads=0), "num_threads"), (dict(frame=16), "frame"), (dict(mel="x"), "mel")):

@@ -5,6 +5,8 @@ its index as a bar code and the audio is a known tone/click, so a stored frame o
 traced back to the exact source frame or time.
 """
 
+import csv
+import hashlib
 import io
 import json
 import os
@@ -190,7 +192,7 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, monkeypatch):
     real = prep.decode_clip
     monkeypatch.setattr(prep, "decode_clip", lambda item, **kw: calls.append(item.id) or real(item, **kw))
     again = prep.prepare(src, out, workers=0, shard_size=2, progress=False)
-    assert calls == ["c2"]                                        # only shard 1's clip
+    assert calls == ["c2"]              # only shard 1's clip (sha1 order of c0, c1, c2: c0, c1, c2)
     assert os.stat(out / "shard-000000.tar").st_mtime_ns == stat0.st_mtime_ns
     assert (out / "shard-000001.tar").read_bytes() == shard1      # deterministic bytes
     assert not list(out.glob("*.tmp"))
@@ -205,6 +207,43 @@ def test_parallel_workers_give_identical_shards(tmp_path):
     prep.prepare(src, tmp_path / "b", workers=2, shard_size=2, progress=False)
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000000.idx", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def _fake_decode(item, **kw):
+    """Stands in for decode_clip (1 frame): the shard assignment is tested without decoding video."""
+    return {"id": item.id, "labels": list(item.labels), "num_frames": 1}, b"flac", [b"jpg"]
+
+
+def _write_list(path: Path, ids: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "id", "labels"])
+        w.writerows([(f"v/{i}.mkv", i, i.split("_")[0]) for i in ids])
+    return path
+
+
+def test_shards_mix_classes_of_a_class_sorted_list(tmp_path, monkeypatch):
+    """4 classes x 8 clips listed class by class (id order would give one class per shard): every
+    one of the 4 shards holds >= 3 classes, the assignment is the sha1-of-id order (independent
+    re-implementation), a reversed list gives byte-identical shards, and a resume with one clip
+    fewer is refused."""
+    monkeypatch.setattr(prep, "decode_clip", _fake_decode)
+    ids = [f"{c}_{i:02d}" for c in ("cat", "dog", "owl", "pig") for i in range(8)]
+    kw = dict(workers=0, shard_size=8, num_frames=1, progress=False)
+    m = prep.prepare(_write_list(tmp_path / "sorted.csv", ids), tmp_path / "a", **kw)
+    shards = [[s["meta"] for s in iter_shard(tmp_path / "a" / e["path"])] for e in m["shards"]]
+    assert [len(s) for s in shards] == [8] * 4 and m["num_samples"] == 32
+    ref = sorted(ids, key=lambda i: hashlib.sha1(i.encode("utf-8")).hexdigest())
+    assert [meta["id"] for s in shards for meta in s] == ref
+    classes = [{meta["labels"][0] for meta in s} for s in shards]
+    assert all(len(c) >= 3 for c in classes), classes
+    prep.prepare(_write_list(tmp_path / "reversed.csv", ids[::-1]), tmp_path / "b", **kw)
+    for e in m["shards"]:
+        for name in (e["path"], e["path"].replace(".tar", ".idx")):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="other inputs or settings"):
+        prep.prepare(_write_list(tmp_path / "fewer.csv", ids[1:]), tmp_path / "a", **kw)
 
 
 # ----------------------------------------------------------------------------- DALI index
@@ -262,8 +301,9 @@ def test_csv_and_json_lists(tmp_path):
     src = _three_clips(tmp_path / "v")
     (tmp_path / "list.csv").write_text("path,id,labels\nv/c1.mkv,b.clip,dog;cat\nv/c0.mkv,a,\n")
     items = prep.list_inputs(tmp_path / "list.csv")
-    assert [(Path(i.source).name, i.id, i.labels) for i in items] == [("c0.mkv", "a", ()),
-                                                                       ("c1.mkv", "b.clip", ("dog", "cat"))]
+    # shard order: sha1 of the id ("b.clip" 2f70..., "a" 86f7...), not the listing or id order
+    assert [(Path(i.source).name, i.id, i.labels) for i in items] == [("c1.mkv", "b.clip", ("dog", "cat")),
+                                                                       ("c0.mkv", "a", ())]
     (tmp_path / "list.json").write_text(json.dumps({"data": [
         {"path": str(src / "c2.mkv"), "video_id": "x", "labels": "/m/1,/m/2"},
         {"path": "v/c0.mkv", "id": "x", "labels": ["l"]}]}))

@@ -10,9 +10,13 @@ Broken inputs are skipped, never replaced by placeholder data, and listed in the
 ``skipped`` list and in ``<out>/skipped.json`` as ``{"source", "id", "reason", "detail"}``
 (reasons: :data:`tgdp.data.clip_decode.REASONS`).
 
-Inputs are sorted by (id, path) and cut into shards of ``--shard-size`` inputs, so the same inputs
-always give the same shards. The manifest is rewritten after every finished shard; a second run
-with the same inputs and settings skips the shards already listed there (resume).
+Inputs are ordered by the SHA-1 of their id (then id and path as tie-breaks) and cut into shards
+of ``--shard-size`` inputs. The order depends only on the ids, so the same inputs always give the
+same shards (whatever order the list has), yet it ignores any class grouping of the ids: lists are
+often sorted by class, and the DALI loader reads a batch mostly from one shard, so id-ordered
+shards would give one-class contrastive batches. The manifest is rewritten after every finished
+shard; a second run with the same inputs and settings skips the shards already listed there
+(resume).
 
 Sources: a folder (every file with a video suffix below it, id = relative path without suffix, no
 labels), a CSV with a header (``path`` required; ``id``; ``labels`` separated by ``;``) or a JSON
@@ -36,8 +40,8 @@ from tgdp.data.clip_decode import REASONS, ClipInput, ClipSkipped, decode_clip
 from tgdp.data.shards import (ShardWriter, atomic_write_json, new_manifest, read_manifest,
                               sanitize_key, shard_name, write_manifest)
 
-__all__ = ["ClipInput", "ClipSkipped", "REASONS", "VIDEO_SUFFIXES", "list_inputs", "decode_clip",
-           "prepare", "main"]
+__all__ = ["ClipInput", "ClipSkipped", "REASONS", "VIDEO_SUFFIXES", "list_inputs", "shard_order_key",
+           "decode_clip", "prepare", "main"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg",
                             ".flv", ".ogv", ".3gp", ".wmv", ".ts"})
@@ -46,7 +50,7 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".m
 # ----------------------------------------------------------------------------- inputs
 
 def list_inputs(src: str | os.PathLike) -> list[ClipInput]:
-    """The clips of a folder, CSV or JSON list, sorted by (id, source)."""
+    """The clips of a folder, CSV or JSON list, in shard order (:func:`shard_order_key`)."""
     src = Path(src).expanduser()
     if src.is_dir():
         items = [ClipInput(str(p.resolve()), p.relative_to(src).with_suffix("").as_posix())
@@ -71,7 +75,17 @@ def list_inputs(src: str | os.PathLike) -> list[ClipInput]:
             items.append(_item(src, r.get("path"), r.get("id", r.get("video_id")), labels))
     else:
         raise ValueError(f"--src {str(src)!r} must be a folder, a .csv or a .json list")
-    return sorted(items, key=lambda c: (c.id, c.source))
+    return sorted(items, key=shard_order_key)
+
+
+def shard_order_key(item: ClipInput) -> tuple[str, str, str]:
+    """Sort key of the shard assignment: ``(sha1(id) hex, id, source)``.
+
+    A hash of the id spreads ids that share a prefix (a class name, a class-sorted numbering) over
+    all shards, deterministically; the id and source only break ties (equal ids: the duplicate
+    check keeps the first source in this order).
+    """
+    return (hashlib.sha1(item.id.encode("utf-8")).hexdigest(), item.id, item.source)
 
 
 def _item(listfile: Path, path, clip_id, labels) -> ClipInput:
@@ -199,6 +213,8 @@ def _dedupe(items: list[ClipInput]) -> tuple[list[ClipInput], list[dict]]:
 
 
 def _fingerprint(items: list[ClipInput], settings: dict, shard_size: int) -> str:
+    # The items are hashed in shard order, so the fingerprint also pins the shard assignment: an
+    # output folder cut under another order (e.g. the former id order) is refused, not mixed.
     h = hashlib.sha1(json.dumps([settings, shard_size]).encode())
     for it in items:
         h.update(json.dumps([it.source, it.id, it.labels]).encode())

@@ -1,12 +1,12 @@
 """NVIDIA DALI data path over the webdataset shards (same Batch as :mod:`tgdp.data.loader`).
 
-Each pass (epoch) is planned in Python from the shards' ``.idx`` files (or a header scan of the tar):
-the shard order and a full permutation of each shard's samples are drawn from ``(seed, epoch)``
-(train), the sequence is cut into ``world_size`` contiguous parts (one per rank), and each train
-sample's frame is drawn like the torch path's (:func:`tgdp.data.loader.sample_generator` on its
-key). The plan is written as per-run index files where the chosen frame is the member ``img``, so
-DALI's ``fn.readers.webdataset`` reads sequentially (no DALI shuffle, no DALI RNG) and reads and
-decodes only that JPEG (nvJPEG ``"mixed"`` on a GPU, ``"cpu"`` with ``device_id=None``); it then
+Each pass (epoch) is planned in Python by :mod:`tgdp.data.dali_plan` from the shards' ``.idx`` files
+(or a header scan of the tar): the shard order and a full permutation of each shard's samples are
+drawn from ``(seed, epoch)`` (train), the sequence is cut into ``world_size`` contiguous parts (one
+per rank), and each train sample's frame is drawn like the torch path's
+(:func:`tgdp.data.loader.sample_generator` on its key). The plan is written as per-run index files
+where the chosen frame is the member ``img``, so DALI's ``fn.readers.webdataset`` reads
+sequentially (no DALI shuffle, no DALI RNG) and reads and decodes only that JPEG (nvJPEG ``"mixed"`` on a GPU, ``"cpu"`` with ``device_id=None``); it then
 resizes the short side (cubic), centre-crops/normalises (``crop_mirror_normalize``) and decodes the
 FLAC. The log-Mel and audio window are computed by the *same torch code* as the torch path
 (:func:`tgdp.data.fbank.fbank`, :func:`tgdp.data.windows.audio_windows`) on the device the batch
@@ -15,7 +15,8 @@ lands on, so both paths agree to float rounding. ``mel="dali"`` swaps in the all
 
 So an epoch is a function of (seed, epoch): ``set_epoch(e)`` on a fresh loader replays epoch e.
 Mixing: a batch holds consecutive samples of the permuted sequence, i.e. mostly one shard (256
-clips from ``tgdp.prepare``, which sorts inputs by id); ``data.shuffle_buffer`` is not used here.
+clips from ``tgdp.prepare``, which cuts shards in sha1-of-id order, so classes are mixed even for a
+class-sorted input list); ``data.shuffle_buffer`` is not used here.
 
 Corrupt data is skipped and counted (``skipped``), never replaced, each sample once per epoch:
 
@@ -38,21 +39,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import shutil
-import tarfile
 import tempfile
 import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
+from tgdp.data.dali_plan import load_catalog, plan_epoch, planned_frame, scan_shard, write_indexes
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
 from tgdp.data.loader import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator
-from tgdp.data.shards import read_index, read_manifest
 from tgdp.data.windows import audio_windows
 
 __all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
@@ -174,37 +172,6 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool,
     return _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, **sync)
 
 
-def scan_shard(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int, str]], bool]]:
-    """``(key, {ext: (data offset, size, member name)}, complete)`` per sample of one tar, in tar order.
-
-    From the ``.idx`` next to the tar when there is one (a text file: no tar read), else from the
-    tar headers (``tarfile`` seeks from header to header; the payloads are not read). A header scan
-    that hits the end of a truncated tar keeps what it read; the sample it was in is not complete.
-    """
-    idx = tar_path.with_suffix(".idx")
-    if idx.is_file():
-        return [(s[0][3].rsplit("/", 1)[-1].split(".", 1)[0], {e: (o, n, name) for e, o, n, name in s}, True)
-                for s in read_index(idx)]
-    out, key, parts, complete = [], None, {}, True
-    with tarfile.open(tar_path, "r:") as tar:
-        try:
-            for m in tar:
-                base = m.name.rsplit("/", 1)[-1]
-                if not m.isfile() or base.startswith(".") or "." not in base:
-                    continue
-                k, ext = base.split(".", 1)
-                if k != key:
-                    if key is not None:
-                        out.append((key, parts, True))
-                    key, parts = k, {}
-                parts[ext] = (m.offset_data, m.size, m.name)
-        except (tarfile.ReadError, EOFError):
-            complete = False
-    if key is not None:
-        out.append((key, parts, complete))
-    return out
-
-
 def _reason(message: str) -> str:
     """Skip-counter key for a DALI error message (same keys as the torch loader where they exist)."""
     for op, reason in (("decoders.image", "bad image"), ("decoders.audio", "bad audio"),
@@ -260,31 +227,10 @@ class DaliLoader:
         self.batch_size = batch_size
         self.skipped: Counter = Counter()
         self._bad: dict[tuple[int, int], str] = {}  # (shard, sample) -> reason
-        # Catalog, per shard: keys, member-name prefixes and [n, 2 + K] offsets/sizes in member_exts
-        # order (16 bytes per member: 58 MB for 200k clips). Size 0 = missing or empty member (as
-        # the torch loader counts it): such a sample never reaches DALI; it is counted in its turn.
+        # Catalog (tgdp.data.dali_plan.ShardEntry per manifest shard): keys, member offsets/sizes in
+        # self._exts order, and the samples that never reach DALI (missing member, truncated tar).
         self._exts = ["json", "flac"] + [f"f{i:02d}.jpg" for i in range(data.frames_per_clip)]
-        self._shards, self._bad_tars = [], 0
-        for s in read_manifest(root)["shards"]:
-            path = str(root / s["path"])
-            try:
-                samples = scan_shard(Path(path))
-            except (tarfile.TarError, OSError, ValueError):
-                samples = []
-                self._bad_tars += 1  # unreadable tar: "bad shard", counted once per epoch by rank 0
-            none = (0, 0, "")
-            cols = [[m.get(e, none) for e in self._exts] for _, m, _ in samples]
-            off = np.array([[c[0] for c in row] for row in cols], np.int64).reshape(-1, len(self._exts))
-            size = np.array([[c[1] for c in row] for row in cols], np.int64).reshape(off.shape)
-            prefix = [m.get("json", none)[2][: -len("json")] for _, m, _ in samples]
-            # A member past the end of the tar (truncated after its .idx was written) would fail in
-            # DALI's reader, where the probe cannot pin it down: it is left out like the torch
-            # loader's "bad shard" (which also loses the rest of that shard).
-            cut = (off + size > (Path(path).stat().st_size if samples else 0)).any(1)
-            cut |= np.array([not c for _, _, c in samples], bool)
-            flaw = {i: "bad shard" if c else "missing member"
-                    for i, (empty, c) in enumerate(zip((size == 0).any(1), cut)) if empty or c}
-            self._shards.append((path, [k for k, _, _ in samples], prefix, off, size, flaw))
+        self._shards, self._bad_tars = load_catalog(root, self._exts)
         self._tmp = tempfile.mkdtemp(prefix="tgdp-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self._runs = 0
@@ -295,7 +241,7 @@ class DaliLoader:
     @property
     def bad(self) -> dict[tuple[str, str], str]:
         """``(shard path, key) -> reason`` of the undecodable samples found so far."""
-        return {(self._shards[s][0], self._shards[s][1][i]): r for (s, i), r in self._bad.items()}
+        return {(self._shards[s].path, self._shards[s].keys[i]): r for (s, i), r in self._bad.items()}
 
     def set_epoch(self, epoch: int) -> None:
         """Order, rank split and frames (and time shifts) of the next pass are drawn from (seed, epoch)."""
@@ -307,58 +253,21 @@ class DaliLoader:
 
     def _plan(self, epoch: int) -> tuple[list[tuple[int, int, int]], Counter]:
         """This rank's samples of one epoch, in order, as ``(shard, sample, frame)`` (frame -1: all),
-        and the skip counts of the corrupt samples in its share (missing members, known undecodable)."""
-        order = list(range(len(self._shards)))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}:dali-shards").shuffle(order)
-        seq = []
-        for s in order:
-            ids = [(s, i) for i in range(len(self._shards[s][1]))]
-            if self.shuffle:  # a full permutation of the shard (256 clips from tgdp.prepare)
-                random.Random(f"{self.seed}:{epoch}:{self._shards[s][0]}").shuffle(ids)
-            seq += ids
-        n, r, w = len(seq), self.rank, self.world_size
-        # Split the whole sequence (corrupt samples included): which rank gets what, and the order
-        # of the good samples, do not depend on which samples turn out to be corrupt.
-        plan, skipped = [], Counter({"bad shard": self._bad_tars if r == 0 else 0})
-        for s, i in seq[r * n // w:(r + 1) * n // w]:
-            if i in self._shards[s][5]:
-                skipped[self._shards[s][5][i]] += 1
-            elif (s, i) in self._bad:
-                skipped[self._bad[s, i]] += 1
-            else:
-                plan.append((s, i, self._frame_of(self._shards[s][1][i], epoch)))
-        return plan, +skipped
+        and the skip counts of the corrupt samples in its share (:func:`tgdp.data.dali_plan.plan_epoch`)."""
+        return plan_epoch(self._shards, self._bad, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+                          rank=self.rank, world_size=self.world_size, bad_tars=self._bad_tars,
+                          frame_of=self._frame_of)
 
     def _frame_of(self, key: str, epoch: int) -> int:
-        if self.mode == "retrieval":
-            return -1
-        if self.frame is not None:
-            return self.frame
-        # The torch loader's draw for a sample whose id is its key (ids from tgdp.prepare usually are).
-        return int(torch.randint(self.data.frames_per_clip, (1,), generator=sample_generator(self.seed, epoch, key)))
+        return planned_frame(key, epoch, mode=self.mode, frame=self.frame,
+                             frames_per_clip=self.data.frames_per_clip, seed=self.seed)
 
     def _write_indexes(self, plan) -> tuple[list[str], list[str]]:
-        """Index files for ``plan`` (one per run of consecutive samples of one shard) -> (paths, index_paths)."""
+        """Index files for ``plan`` in a fresh folder of this loader's temp dir -> (paths, index_paths)."""
         for old in Path(self._tmp).iterdir():  # the pipelines reading them are gone
             shutil.rmtree(old, ignore_errors=True)
         self._runs += 1
-        d = Path(self._tmp) / f"run{self._runs}"
-        d.mkdir()
-        paths, idx, groups = [], [], []
-        for s, i, f in plan:
-            path, _, prefix, off, size, _ = self._shards[s]
-            if not paths or paths[-1] != path:
-                paths.append(path)
-                groups.append([])
-            # the chosen frame under the extension "img": DALI reads and decodes only that JPEG
-            cols = range(len(self._exts)) if f < 0 else (0, 1, 2 + f)
-            groups[-1].append(" ".join(f"{self._exts[c] if f < 0 or c < 2 else 'img'} {off[i, c]} {size[i, c]} "
-                                       f"{prefix[i]}{self._exts[c]}" for c in cols))
-        for j, lines in enumerate(groups):
-            idx.append(str(d / f"{j:06d}.idx"))
-            Path(idx[-1]).write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", encoding="utf-8")
-        return paths, idx
+        return write_indexes(Path(self._tmp) / f"run{self._runs}", self._shards, self._exts, plan)
 
     def _pipeline(self, plan, probe: bool = False):
         paths, idx = self._write_indexes(plan)
