@@ -7,6 +7,10 @@ Workload: B = 256 samples, audio N = 208 in the (8, 26) grid form (valid = time 
 N = 196 in the prefix form, 25 % of the clips shorter than the window, [CLS, patches, 8 registers]
 per sequence, preallocated buffers (as the loader reuses them). Timings on a shared CPU are noisy:
 compare the two providers only within one run.
+
+``test_rec_masks``: one training step's reconstruction masks (audio + video, paper geometry, batch B,
+every column valid) assembled on the host (``data.host_masks``: tgdp.training.sources.HostMasks)
+vs drawn with torch on the device (``tgdp.training.loop.draw_rec_masks``; the CPU here).
 """
 
 from __future__ import annotations
@@ -47,6 +51,31 @@ def test_pack(benchmark, provider, shape, ratio):
     benchmark.extra_info.update(tokens=res.total_tokens, samples_per_s=B / benchmark.stats.stats.mean)
 
 
+def _rec_masks_workload(where: str):
+    import torch
+
+    from tgdp.configs import apply_overrides, paper
+    from tgdp.training.distributed import DistInfo
+    from tgdp.training.loop import draw_rec_masks
+    from tgdp.training.sources import HostMasks
+
+    cfg = apply_overrides(paper(), {"train.batch_size": B, "data.host_masks": True})
+    if where == "host":
+        hm = HostMasks(cfg, pinned=False)
+        full = np.full(B, cfg.model.audio_grid[1])
+        return lambda step: hm(step, full)
+    info = DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return lambda step: draw_rec_masks(cfg, step, info)
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_rec_masks(benchmark, where):
+    fn = _rec_masks_workload(where)
+    step = iter(range(10**9))
+    benchmark(lambda: fn(next(step)))
+    benchmark.group = f"reconstruction masks per step, B={B}"
+
+
 def main() -> int:
     if not P.HAS_EXTENSION:
         print("tgdp._packer not built: run `python setup.py build_ext --inplace` first")
@@ -62,6 +91,13 @@ def main() -> int:
                     best[provider] = min(best[provider], t / number * 1e6)
             print(f"{shape:10s} ratio={ratio:4.2f}  cpp {best['cpp']:8.1f}  numpy {best['numpy']:8.1f}  "
                   f"speed-up {best['numpy'] / best['cpp']:5.1f}x")
+    fns = {w: _rec_masks_workload(w) for w in ("host", "device")}
+    best = {w: float("inf") for w in fns}
+    for _ in range(15):
+        for w, fn in fns.items():
+            best[w] = min(best[w], timeit.timeit(lambda: fn(3), number=5) / 5 * 1e6)
+    print(f"rec masks/step (audio+video)  host assembly {best['host']:8.1f}  torch on device "
+          f"{best['device']:8.1f}  ratio {best['device'] / best['host']:5.1f}x")
     return 0
 
 

@@ -185,6 +185,10 @@ class DataConfig:
     # Training only: 0 = stream the shards through the loader; K > 0 = decode the split once and keep
     # K evenly spaced frames per clip (with their audio windows) in memory as fp16 (small sets: the demo)
     cache_frames: int = 0
+    # Training only: draw the reconstruction masks on the host with tgdp.pack (C++ when built) while
+    # the batch is assembled, seeded by (train.seed, step, global sample), so audio padding patches
+    # are never visible (torch loader / cache / noise sources; the DALI loader lacks valid lengths)
+    host_masks: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.frames_per_clip >= 1, f"{prefix}.frames_per_clip", self.frames_per_clip, "must be >= 1")
@@ -196,6 +200,7 @@ class DataConfig:
         _check(0.0 <= self.time_shift < 1.0, f"{prefix}.time_shift", self.time_shift, "must be in [0, 1)")
         _check(0 <= self.cache_frames <= self.frames_per_clip, f"{prefix}.cache_frames", self.cache_frames,
                f"must be in [0, frames_per_clip={self.frames_per_clip}]")
+        _check(isinstance(self.host_masks, bool), f"{prefix}.host_masks", self.host_masks, "must be a bool")
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import torch
 
 from tgdp.data.fbank import fbank, frame_geometry
 from tgdp.data.shards import read_manifest
-from tgdp.data.windows import audio_windows
+from tgdp.data.windows import audio_windows, window_starts
 
 __all__ = ["Batch", "ShardDataset", "TorchLoader", "make_loader", "decode_image",
-           "decode_audio", "sample_generator", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "CorruptSample"]
+           "decode_audio", "sample_generator", "valid_time_columns", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "CorruptSample"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +55,8 @@ class Batch:
     in retrieval, where the ``B * frames_per_clip`` rows are video-major (rows ``b*K .. b*K+K-1``
     are the K frames of video ``b``, ``frame_idx`` = ``0..K-1`` repeated).
     ``skipped`` counts corrupt samples (by reason) met since the previous batch of the same worker.
+    ``audio_valid: [rows]`` long (torch loader; None from DALI): time columns of each audio window's
+    patch grid that hold only real audio, a prefix of the window (see :func:`valid_time_columns`).
     """
 
     audio: torch.Tensor
@@ -63,6 +65,7 @@ class Batch:
     ids: list[str]
     frame_idx: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
+    audio_valid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         """Number of videos (``len(ids)``); rows are ``audio.shape[0]``."""
@@ -71,12 +74,13 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Page-locked copies (DataLoader ``pin_memory=True`` calls this), so ``to(cuda, non_blocking)`` is async."""
         return Batch(self.audio.pin_memory(), self.frames.pin_memory(), self.labels, self.ids,
-                     self.frame_idx.pin_memory(), dict(self.skipped))
+                     self.frame_idx.pin_memory(), dict(self.skipped), self.audio_valid)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(self.audio.to(device, non_blocking=non_blocking),
                      self.frames.to(device, non_blocking=non_blocking), self.labels, self.ids,
-                     self.frame_idx.to(device, non_blocking=non_blocking), dict(self.skipped))
+                     self.frame_idx.to(device, non_blocking=non_blocking), dict(self.skipped),
+                     self.audio_valid)  # host-side: it feeds the host packer, never the device
 
 
 def sample_generator(seed: int, epoch: int, key: str, purpose: str = "frame") -> torch.Generator:
@@ -88,6 +92,25 @@ def sample_generator(seed: int, epoch: int, key: str, purpose: str = "frame") ->
     """
     digest = hashlib.blake2b(f"{seed}:{epoch}:{key}:{purpose}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def valid_time_columns(real_rows: torch.Tensor, starts: torch.Tensor, length: int, patch: int,
+                       shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Audio patch columns of each window that hold only real audio: ``[R]`` long.
+
+    real_rows: ``[R]`` real fbank rows of the clip after pad/cut (``min(frames, data.fbank_frames)``);
+    starts: ``[R]`` first fbank row of each window; shifts: ``[R]`` circular time shifts or None.
+    A window row ``t`` is real iff its source row ``starts + ((t - shift) mod length)`` is below
+    ``real_rows``. The count is the longest *prefix* of real rows, floored to whole patches: a patch
+    is visible only if every one of its ``patch`` rows is real audio (floor, not ceil), and the
+    packer's grid form takes a prefix of columns. Without a shift the real rows of a window are a
+    prefix anyway; a shift that moves padding to the front shortens the prefix (conservative).
+    """
+    t = torch.arange(length)
+    src = t.unsqueeze(0) if shifts is None else (t.unsqueeze(0) - shifts.view(-1, 1)) % length
+    real = (starts.view(-1, 1) + src) < real_rows.view(-1, 1)          # [R, length]
+    prefix = real.long().cumprod(dim=1).sum(dim=1)
+    return prefix // patch
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:
@@ -164,7 +187,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, root: str | Path, mode: str = "train", *, data=None, img_size: int = 224,
                  audio_length: int = 416, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 frame: int | None = None, shuffle: bool | None = None):
+                 frame: int | None = None, shuffle: bool | None = None, patch_size: int = 16):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")
         if not 0 <= rank < world_size:
@@ -177,6 +200,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.root = Path(root).expanduser()
         self.manifest = read_manifest(self.root)
         self.mode, self.data, self.img_size, self.audio_length = mode, data, img_size, audio_length
+        self.patch_size = patch_size  # audio patch rows, for the valid time columns of each window
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.frame = frame  # forces one frame index in train/eval (tests, DALI parity)
         self.shuffle = (mode == "train") if shuffle is None else shuffle
@@ -242,10 +266,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
             m = int(d.time_shift * self.audio_length)
             shifts = torch.randint(-m, m + 1, (1,), generator=sample_generator(self.seed, self.epoch, sid, "shift"))
         fidx = torch.tensor(idx, dtype=torch.long)
-        audio = audio_windows(fb.expand(len(idx), -1, -1), fidx,
-                              torch.tensor([times[i] for i in idx], dtype=torch.float64), data=d,
+        ftime = torch.tensor([times[i] for i in idx], dtype=torch.float64)
+        audio = audio_windows(fb.expand(len(idx), -1, -1), fidx, ftime, data=d,
                               length=self.audio_length, shifts=shifts)
-        return {"audio": audio, "frames": frames, "frame_idx": fidx, "labels": labels, "id": sid}
+        starts = window_starts(fidx, ftime, mode=d.window, total=d.fbank_frames, length=self.audio_length,
+                               frames_per_clip=d.frames_per_clip)   # the rows audio_windows cut
+        real = torch.full((len(idx),), min(fb.shape[1], d.fbank_frames), dtype=torch.long)
+        valid = valid_time_columns(real, starts, self.audio_length, self.patch_size,
+                                   None if shifts is None else shifts.expand(len(idx)))
+        return {"audio": audio, "frames": frames, "frame_idx": fidx, "labels": labels, "id": sid,
+                "audio_valid": valid}
 
     def __iter__(self) -> Iterator[dict]:
         buf: list[tuple[str, dict[str, bytes]]] = []
@@ -278,9 +308,11 @@ def collate(items: list[dict], skipped: dict[str, int] | None = None) -> Batch:
     """Per-sample dicts (``R`` rows each) -> :class:`Batch` with ``sum(R)`` rows, video-major."""
     if not items:
         return Batch(torch.empty(0), torch.empty(0), [], [], torch.empty(0, dtype=torch.long), dict(skipped or {}))
+    valid = [it.get("audio_valid") for it in items]
     return Batch(torch.cat([it["audio"] for it in items]), torch.cat([it["frames"] for it in items]),
                  [it["labels"] for it in items], [it["id"] for it in items],
-                 torch.cat([it["frame_idx"] for it in items]), dict(skipped or {}))
+                 torch.cat([it["frame_idx"] for it in items]), dict(skipped or {}),
+                 None if any(v is None for v in valid) else torch.cat(valid))
 
 
 class _Batched(torch.utils.data.IterableDataset):
@@ -366,5 +398,6 @@ def make_loader(cfg, mode: str = "train", rank: int = 0, world_size: int = 1, *,
                           num_threads=max(1, workers), device=device, frame=frame, shuffle=shuffle,
                           drop_last=drop_last)
     ds = ShardDataset(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
-                      rank=rank, world_size=world_size, seed=seed, frame=frame, shuffle=shuffle)
+                      rank=rank, world_size=world_size, seed=seed, frame=frame, shuffle=shuffle,
+                      patch_size=cfg.model.patch_size)
     return TorchLoader(ds, batch_size, num_workers=workers, drop_last=drop_last, device=device)

@@ -114,7 +114,8 @@ def train_step(s: StepState, batch: TrainBatch, step: int) -> None:
     """One optimizer step on this rank's rows: dual path + teacher forward, backward, (clip), AdamW,
     EMA teacher. No host sync: a non-finite loss/grad norm skips the update on device."""
     cfg, dev = s.cfg, s.info.device
-    masks_rec = draw_rec_masks(cfg, step, s.info)
+    # data.host_masks: the source packed them on the host; else drawn on the device here
+    masks_rec = batch.masks_rec if batch.masks_rec is not None else draw_rec_masks(cfg, step, s.info)
     gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.train.seed, step, 1 + s.info.rank))
     with torch.autocast(dev.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
         out = s.forward(batch.audio, batch.frames, gen, masks_rec=masks_rec)
