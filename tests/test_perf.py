@@ -30,12 +30,6 @@ def test_teacher_flops_equal_hand_count():
     assert f["student_fwd_bwd"] > 2 * f["teacher"]
 
 
-def test_fallback_counter_agrees_with_tgdp_flops():
-    from tgdp.perf import _count_here
-    cfg = apply_overrides(tiny(), SHAPES)
-    assert _count_here(cfg, "meta", 2) == train_flops_per_sample(cfg, batch=2, impl="reference")
-
-
 def test_count_is_per_sample():
     cfg = apply_overrides(tiny(), SHAPES)
     one, three = train_flops_per_sample(cfg, batch=1), train_flops_per_sample(cfg, batch=3)

@@ -8,7 +8,6 @@ the same tokens in the same order as the official ``argsort(noise)[:k]``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -8,7 +8,6 @@ the official token order ``f * (T/p) + t``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["audio_as_image", "image_as_audio", "patchify", "unpatchify"]

@@ -17,8 +17,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from tgdp.configs import Config, ConfigError, load
 
 __all__ = ["train_flops_per_sample", "project", "main", "H100_BF16_PEAK", "AS2M_PAIRS"]
@@ -26,29 +24,13 @@ __all__ = ["train_flops_per_sample", "project", "main", "H100_BF16_PEAK", "AS2M_
 H100_BF16_PEAK = 989e12      # dense bf16 FLOP/s, H100 SXM (no sparsity)
 AS2M_PAIRS = 1_390_000       # AudioSet-2M training pairs per epoch
 
-
-def _meta_masks(batch: int, n: int, ratio: float):
-    from tgdp.masking import Masks, random_masks
-
-    m = random_masks(batch, n, ratio, torch.Generator().manual_seed(0))
-    return Masks(m.ids_keep.to("meta"), m.ids_restore.to("meta"), m.mask.to("meta"))
-
-
-def _build(cfg: Config, device):
-    from tgdp.training.loop import build_method
-
-    with torch.device(device):
-        return build_method(cfg, torch.device(device))
-
-
 def train_flops_per_sample(cfg: Config, device: str = "meta", batch: int | None = None,
                            impl: str | None = None) -> dict:
     """Counted FLOPs per training sample: ``{"total", "teacher", "student_fwd_bwd"}`` (fwd+bwd, teacher
     included). ``device="meta"`` counts without allocating (works for ``paper()`` on a laptop).
 
     ``impl``: "reference" | "fast" (default: "fast" unless ``train.model_impl`` is "reference" — the
-    fast model is what runs on a GPU; both do the same useful work). Uses ``tgdp.flops`` (F's
-    counter, with the CPU SDPA formulas) when present, else counts here with FlopCounterMode.
+    fast model is what runs on a GPU; both do the same useful work). Counted by ``tgdp.flops``.
     ``batch`` defaults to the global ``train.batch_size``: the contrastive logits (B x B_global x D)
     are the one term that grows with the batch (< 0.01 % of the total at ``paper()``)."""
     batch = cfg.train.batch_size if batch is None else batch
@@ -57,51 +39,10 @@ def train_flops_per_sample(cfg: Config, device: str = "meta", batch: int | None 
     impl = impl or ("reference" if cfg.train.model_impl == "reference" else "fast")
     if impl not in ("reference", "fast"):
         raise ValueError(f"impl={impl!r} must be 'reference' or 'fast'")
-    try:
-        from tgdp.flops import count_step_flops
-    except ImportError:
-        count_step_flops = None
-    if count_step_flops is not None:
-        r = count_step_flops(cfg, impl, "fast", batch, device)
-        return {"total": r["total"], "teacher": r["teacher"], "student_fwd_bwd": r["student"]}
-    return _count_here(cfg, device, batch)
+    from tgdp.flops import count_step_flops
 
-
-def _count_here(cfg: Config, device: str, batch: int) -> dict:
-    """Fallback counter on the reference model (the same protocol as ``tgdp.flops``)."""
-    import dataclasses
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    m = cfg.model
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model_impl="reference"))
-    method = _build(cfg, device)
-    audio = torch.zeros(batch, m.audio_length, m.n_mels, device=device)
-    frames = torch.zeros(batch, m.in_chans, m.img_size, m.img_size, device=device)
-    rec = (_meta_masks(batch, m.num_patches_a, cfg.masking.rec_ratio),
-           _meta_masks(batch, m.num_patches_v, cfg.masking.rec_ratio))
-    con = (_meta_masks(batch, m.num_patches_a, cfg.masking.con_ratio),
-           _meta_masks(batch, m.num_patches_v, cfg.masking.con_ratio))
-    if device != "meta":
-        rec = tuple(type(x)(*(t.to(device) for t in (x.ids_keep, x.ids_restore, x.mask))) for x in rec)
-        con = tuple(type(x)(*(t.to(device) for t in (x.ids_keep, x.ids_restore, x.mask))) for x in con)
-    # Given con masks, the method runs the teacher only for the distillation targets; in training the
-    # teacher also runs for guided masks, so count it separately whenever it would run there.
-    teacher_in_step = cfg.loss.w_dis > 0
-    teacher_in_training = teacher_in_step or cfg.masking.guide != "random"
-    with FlopCounterMode(display=False) as fc:
-        out = method(audio, frames, None, masks_rec=rec, masks_con=con)
-        out.loss.backward()
-    step = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
-        with torch.no_grad():
-            method.teacher.module.teacher_forward(audio, frames)
-    teacher = fc.get_total_flops()
-    total = step + (teacher if teacher_in_training and not teacher_in_step else 0)
-    student = total - (teacher if teacher_in_training else 0)
-    return {"total": total / batch, "teacher": (teacher if teacher_in_training else 0) / batch,
-            "student_fwd_bwd": student / batch}
-
+    r = count_step_flops(cfg, impl, "fast", batch, device)
+    return {"total": r["total"], "teacher": r["teacher"], "student_fwd_bwd": r["student"]}
 
 def project(flops_per_sample: float, pairs: int = AS2M_PAIRS, mfu: float = 0.4,
             peak: float = H100_BF16_PEAK, gpus: int = 1) -> float:
@@ -112,7 +53,6 @@ def project(flops_per_sample: float, pairs: int = AS2M_PAIRS, mfu: float = 0.4,
         raise ValueError(f"gpus={gpus!r} must be >= 1")
     return pairs * flops_per_sample / (gpus * mfu * peak)
 
-
 def report(cfg: Config, mfu: float = 0.4, pairs: int = AS2M_PAIRS) -> dict:
     f = train_flops_per_sample(cfg)
     return {"preset": cfg.preset, "counted_on": "reference" if cfg.train.model_impl == "reference" else "fast",
@@ -121,11 +61,9 @@ def report(cfg: Config, mfu: float = 0.4, pairs: int = AS2M_PAIRS) -> dict:
             "projected_epoch_s": {str(g): project(f["total"], pairs, mfu, H100_BF16_PEAK, g) for g in (1, 8)},
             "kind": "projection (counted FLOPs / (MFU x peak)), not a measurement"}
 
-
 def _hms(s: float) -> str:
     h, rem = divmod(int(round(s)), 3600)
     return f"{h}h{rem // 60:02d}m{rem % 60:02d}s"
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tgdp.perf", allow_abbrev=False, description=__doc__.split("\n\n")[0])
@@ -155,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     for g, s in r["projected_epoch_s"].items():
         print(f"  {g} GPU{'s' if g != '1' else ' '}  {_hms(s)} per epoch ({s:,.0f} s)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
