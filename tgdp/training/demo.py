@@ -28,7 +28,7 @@ def write_loss_plot(out_dir: str | Path) -> str | None:
     from tgdp.eval.plots import plot_loss_curves
 
     keys = ["loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con"]
-    return str(plot_loss_curves(log, out / "loss_curves.png", keys=keys, title="TG-DP training losses"))
+    return str(plot_loss_curves(log, (out / "loss_curves.png").resolve(), keys=keys, title="TG-DP training losses"))
 
 
 def chance_recall(n: int, k: int) -> float:
