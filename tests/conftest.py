@@ -19,6 +19,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one intra-op thread avoids spin-wait stalls on the shared 2-core box."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 # ---------------------------------------------------------------------------------------------
 # TGDP_STRICT_SKIPS=1 (set by the README test command, hence by CI): a test skipped for any
 # reason other than a missing GPU fails the session, so a missing install step (espeak-ng, DALI,

@@ -15,13 +15,7 @@ from tgdp.eval.plots import load_thumbnails, plot_loss_curves, plot_retrieval_ex
 from tgdp.eval.tsne import _conditional_p, tsne
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids spin-wait stalls on the shared 2-core box."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png_size(path) -> tuple[int, int]:

@@ -12,13 +12,7 @@ from tgdp.eval.probe import (AttentionProbe, ProbeSettings, _lr_lambda, average_
                              mean_average_precision, stratified_split, top1_accuracy, train_probe)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids spin-wait stalls on the shared 2-core box."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- metrics by hand

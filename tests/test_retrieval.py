@@ -22,13 +22,7 @@ from tgdp.eval.retrieval import (format_table, metrics_from_counts, rank_counts,
                                  retrieval_metrics, similarity_matrix)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids spin-wait stalls on the shared 2-core box."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- reference
