@@ -142,8 +142,8 @@ def test_long_clip_uses_first_10s_and_10_24s_of_audio(tmp_path):
 
 def test_click_lands_in_the_window_of_the_frame_at_that_time(tmp_path):
     """A click at the time of frame 8 (5.0 s of a 10 s clip, 44.1 kHz source): frame 8 is the source
-    frame shown at 5.0 s, the stored audio has the click at 5.0 s, and frame 8's audio window (D1's
-    loader) has it at its centre row, while frame 3's window does not contain it."""
+    frame shown at 5.0 s, the stored audio has the click at 5.0 s, and frame 8's audio window (from the
+    torch loader) has it at its centre row, while frame 3's window does not contain it."""
     torch = pytest.importorskip("torch")
     loader = pytest.importorskip("tgdp.data.loader")
     src = tmp_path / "src"

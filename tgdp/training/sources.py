@@ -241,7 +241,7 @@ class LoaderSource:
 
 class CachedSource:
     """``data.cache_frames = K > 0``: the split is decoded once through the loader in retrieval mode
-    (D1's exact preprocessing: fbank, windows, image transform), K evenly spaced frames per clip
+    (the torch loader's exact preprocessing: fbank, windows, image transform), K evenly spaced frames per clip
     (with their audio windows) are kept in memory as fp16, and batches are drawn from the cache.
 
     Epoch ``e`` visits the clips in a permutation seeded by ``(seed, e)`` with one of the K frames
