@@ -44,7 +44,7 @@ def _rows(batches):
     for b in batches:
         per = b.audio.shape[0] // len(b.ids)  # 16 rows per video in retrieval
         for j, f in enumerate(b.frame_idx.tolist()):
-            out[(b.ids[j // per], f)] = (b.audio[j], b.frames[j])
+            out[(b.ids[j // per], f)] = (b.audio[j], b.frames[j], int(b.audio_valid[j]))
     return out
 
 
@@ -56,6 +56,7 @@ def _compare(root, mode, img=S, frame=None, batch=2, data=DataConfig(shuffle_buf
         assert set(d) <= set(t) and len(d) == len(t) // batch * batch
     else:
         assert sorted(t) == sorted(d) and len(t) > 0
+    assert all(t[k][2] == d[k][2] for k in d), "valid audio columns differ between the loaders"
     da = max(float((t[k][0] - d[k][0]).abs().max()) for k in d)
     df = torch.stack([(t[k][1] - d[k][1]).abs() for k in d])
     return da, float(df.max()), float(df.mean()), dali_b

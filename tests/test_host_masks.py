@@ -115,6 +115,13 @@ def test_short_clip_through_the_shard_loader(tmp_path):
     it = next(iter(ShardDataset(root, "train", data=cfg.data, img_size=cfg.model.img_size,
                                 audio_length=cfg.model.audio_length, frame=15, patch_size=p)))
     assert it["audio_valid"].tolist() == [39 // p]
+    # the DALI loader reports the same valid columns for every window (retrieval: all 16 frames)
+    from tgdp.data.dali import DaliLoader
+    from tgdp.data.loader import TorchLoader
+    kw = dict(data=cfg.data, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length, patch_size=p)
+    t_valid = torch.cat([b.audio_valid for b in TorchLoader(ShardDataset(root, "retrieval", **kw), 2)])
+    d_valid = torch.cat([b.audio_valid for b in DaliLoader(root, "retrieval", batch_size=2, **kw)])
+    assert torch.equal(t_valid, d_valid) and len(set(t_valid.tolist())) > 1
     pad = (LOG_FLOOR - cfg.data.fbank_mean) / cfg.data.fbank_std
     is_pad = (it["audio"][0] - pad).abs().amax(dim=1) < 1e-6
     assert not is_pad[:39].any() and is_pad[39:].all()

@@ -50,8 +50,8 @@ import torch
 
 from tgdp.data.dali_plan import load_catalog, plan_epoch, planned_frame, scan_shard, write_indexes
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
-from tgdp.data.loader import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator
-from tgdp.data.windows import audio_windows
+from tgdp.data.loader import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
+from tgdp.data.windows import audio_windows, window_starts
 
 __all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
 
@@ -195,7 +195,7 @@ class DaliLoader:
     def __init__(self, root, mode: str = "train", *, data=None, img_size: int = 224, audio_length: int = 416,
                  batch_size: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
                  device=None, device_id: int | None | str = "auto", frame: int | None = None, mel: str = "torch",
-                 shuffle: bool | None = None, drop_last: bool | None = None):
+                 shuffle: bool | None = None, drop_last: bool | None = None, patch_size: int = 16):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")
         if mel not in ("torch", "dali"):
@@ -218,6 +218,7 @@ class DaliLoader:
                 device_id = None
         root = Path(root).expanduser()
         self.mode, self.data, self.audio_length, self.seed, self.epoch = mode, data, audio_length, seed, 0
+        self.patch_size = patch_size  # audio patch rows, for the valid time columns of each window
         self.mel, self.device, self.rank, self.world_size = mel, device, rank, world_size
         self.frame = data.eval_frame if (mode == "eval" and frame is None) else frame
         self.shuffle = (mode == "train") if shuffle is None else shuffle
@@ -377,6 +378,11 @@ class DaliLoader:
             fb, nf = fb.repeat_interleave(per, 0), nf.repeat_interleave(per, 0)
         win = audio_windows(fb, fidx.to(fb.device), times.to(fb.device), num_frames=nf.to(fb.device), data=d,
                             length=self.audio_length, shifts=None if shifts is None else shifts.to(fb.device))
+        # Host-side (it feeds the packer): the same valid time columns as the torch loader.
+        starts = window_starts(fidx, times, mode=d.window, total=d.fbank_frames, length=self.audio_length,
+                               frames_per_clip=d.frames_per_clip)
+        valid = valid_time_columns(nf.cpu().clamp(max=d.fbank_frames), starts, self.audio_length,
+                                   self.patch_size, None if shifts is None else shifts.repeat_interleave(per))
         b = Batch(win, frames, [[str(x) for x in m.get("labels", [])] for m in metas], [str(m["id"]) for m in metas],
-                  fidx.to(frames.device), dict(skipped))
+                  fidx.to(frames.device), dict(skipped), valid)
         return b.to(self.device, non_blocking=True) if self.device is not None else b

@@ -55,7 +55,7 @@ class Batch:
     in retrieval, where the ``B * frames_per_clip`` rows are video-major (rows ``b*K .. b*K+K-1``
     are the K frames of video ``b``, ``frame_idx`` = ``0..K-1`` repeated).
     ``skipped`` counts corrupt samples (by reason) met since the previous batch of the same worker.
-    ``audio_valid: [rows]`` long (torch loader; None from DALI): time columns of each audio window's
+    ``audio_valid: [rows]`` long (host tensor, both loaders): time columns of each audio window's
     patch grid that hold only real audio, a prefix of the window (see :func:`valid_time_columns`).
     """
 
@@ -396,7 +396,7 @@ def make_loader(cfg, mode: str = "train", rank: int = 0, world_size: int = 1, *,
         return DaliLoader(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
                           batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                           num_threads=max(1, workers), device=device, frame=frame, shuffle=shuffle,
-                          drop_last=drop_last)
+                          drop_last=drop_last, patch_size=cfg.model.patch_size)
     ds = ShardDataset(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
                       rank=rank, world_size=world_size, seed=seed, frame=frame, shuffle=shuffle,
                       patch_size=cfg.model.patch_size)

@@ -222,7 +222,7 @@ class LoaderSource:
         if self.host_masks is not None:
             if b.audio_valid is None:
                 raise RuntimeError(f"data.host_masks needs the valid audio columns per window, which the "
-                                   f"{getattr(self.loader, 'backend', '?')} loader does not give; use data.loader=torch")
+                                   f"{getattr(self.loader, 'backend', '?')} loader did not give")
             out.masks_rec, out.masks_event = self.host_masks(self.step, b.audio_valid)
         self.step += 1
         return out
