@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tgdp.training import checkpoint as ck
-from tgdp.training.checkpoint import CheckpointManager, atomic_save
+from tgdp import atomic
+from tgdp.atomic import atomic_torch_save
+from tgdp.training.checkpoint import CheckpointManager
 
 
 def _state(step: int, n: int = 16) -> dict:
@@ -46,7 +48,7 @@ def test_crash_during_write_leaves_old_state(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("simulated crash before the rename")
 
-    monkeypatch.setattr(ck.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
         mgr.save(_state(2), 2)
     monkeypatch.undo()
@@ -59,7 +61,7 @@ def test_crash_during_write_leaves_old_state(tmp_path, monkeypatch):
 
 
 def test_load_rejects_foreign_file(tmp_path):
-    atomic_save({"model": {}}, tmp_path / "x.pt")
+    atomic_torch_save({"model": {}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="'teacher'"):
         CheckpointManager.load(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="keep_last"):

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from tgdp.atomic import atomic_torch_save
 from tgdp.configs import ModelConfig
 
 __all__ = ["ConvertReport", "read_state_dict", "from_official", "load_official", "to_official", "main"]
@@ -146,12 +147,6 @@ def to_official(src: nn.Module | Mapping[str, Tensor], *, module_prefix: bool = 
     return {pre + k: v.detach().clone() for k, v in sd.items()}
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     from tgdp.configs import load
     from tgdp.reference.model import CAVMAESync
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.direction == "import":
         sd, rep = from_official(args.src, model, strict=not args.no_strict, select=args.select)
         model.load_state_dict(sd, strict=not args.no_strict, assign=True)  # proves the dict fits
-        _save_atomic(sd, args.dst)
+        atomic_torch_save(sd, args.dst)
         print(f"imported {len(sd)} tensors -> {args.dst}; dropped {len(rep.dropped)} contrastive-head keys "
               "(no heads in this model)")
         if rep.missing or rep.unexpected:
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: max |checkpoint - recomputed| = {d:.2e}")
     else:
         sd, _ = from_official(args.src, model, strict=True)
-        _save_atomic(to_official(sd, module_prefix=not args.no_module), args.dst)
+        atomic_torch_save(to_official(sd, module_prefix=not args.no_module), args.dst)
         print(f"exported {len(sd)} tensors -> {args.dst}")
     return 0
 

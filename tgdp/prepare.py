@@ -36,9 +36,9 @@ import os
 import sys
 from pathlib import Path
 
+from tgdp.atomic import atomic_write_json
 from tgdp.data.clip_decode import REASONS, ClipInput, ClipSkipped, decode_clip
-from tgdp.data.shards import (ShardWriter, atomic_write_json, new_manifest, read_manifest,
-                              sanitize_key, shard_name, write_manifest)
+from tgdp.data.shards import ShardWriter, new_manifest, read_manifest, sanitize_key, shard_name, write_manifest
 
 __all__ = ["ClipInput", "ClipSkipped", "REASONS", "VIDEO_SUFFIXES", "list_inputs", "shard_order_key",
            "decode_clip", "prepare", "main"]

@@ -6,8 +6,9 @@ The format is documented in ``docs/architecture.md`` ("Data: shard format"). A s
 ``shard-NNNNNN.tar`` sits ``shard-NNNNNN.idx`` in DALI's ``wds2idx`` text format (``v1.2``), so
 ``fn.readers.webdataset(index_paths=...)`` needs no scan of the tar.
 
-Every file is written to ``<name>.tmp`` and renamed into place only when complete, so a crash never
-leaves a half-written shard, index or manifest under its final name.
+Every file is written to a temporary (``<tar>.tmp`` while a shard streams; :mod:`tgdp.atomic` for the
+index and the manifest) and renamed into place only when complete, so a crash never leaves a
+half-written shard, index or manifest under its final name.
 
 Only the standard library is used here: the torch loader, the DALI pipeline and ``tgdp.prepare``
 all import this module.
@@ -24,10 +25,11 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from tgdp.atomic import atomic_write_bytes, atomic_write_json
+
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_VERSION", "ShardWriter", "iter_shard", "read_index", "shard_name",
     "sanitize_key", "frame_ext", "member_exts", "new_manifest", "read_manifest", "write_manifest",
-    "atomic_write_bytes", "atomic_write_json",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -71,23 +73,6 @@ def sanitize_key(clip_id: str) -> str:
         digest = hashlib.sha1(clip_id.encode("utf-8")).hexdigest()[:12]
         key = f"{key[:_KEY_MAX - 13]}-{digest}"
     return key
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- writer
@@ -259,7 +244,7 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> Path:
         raise ValueError(f"manifest lacks keys {missing}")
     manifest = dict(manifest, num_samples=sum(int(s["count"]) for s in manifest["shards"]))
     path = Path(root) / MANIFEST_NAME
-    atomic_write_json(path, manifest)
+    atomic_write_json(path, manifest, indent=1)
     return path
 
 

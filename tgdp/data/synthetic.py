@@ -32,7 +32,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from tgdp.configs import DataConfig
-from tgdp.data.shards import atomic_write_json, read_manifest
+from tgdp.atomic import atomic_write_json
+from tgdp.data.shards import read_manifest
 
 __all__ = ["CLASSES", "GEN_VERSION", "brightness", "render_clip", "write_video", "ensure_demo", "main"]
 

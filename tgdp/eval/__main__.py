@@ -21,7 +21,8 @@ import torch
 
 from tgdp.configs import parse_cli_overrides
 from tgdp.eval import common
-from tgdp.eval.common import VideoFeatures, write_json_atomic, write_text_atomic
+from tgdp.atomic import atomic_write_json, atomic_write_text
+from tgdp.eval.common import VideoFeatures
 from tgdp.eval.retrieval import TIES, format_table, retrieval_metrics
 
 
@@ -47,8 +48,8 @@ def run_retrieval(feats: VideoFeatures, out_dir: str | Path, chunk: int = 4096, 
     result = retrieval_metrics(feats.a, feats.v, chunk=chunk, ties=ties)
     result.update(extra or {})
     out = Path(out_dir)
-    write_json_atomic(out / "retrieval.json", result)
-    write_text_atomic(out / "retrieval.md", format_table(result) + "\n")
+    atomic_write_json(out / "retrieval.json", result)
+    atomic_write_text(out / "retrieval.md", format_table(result) + "\n")
     return result
 
 
@@ -67,7 +68,7 @@ def run_probe(train: VideoFeatures, val: VideoFeatures, settings, out_dir: str |
     out = {"metric": res.metric, "best": res.best, "final": res.history[-1][res.metric],
            "history": res.history, "settings": res.settings, "classes": classes,
            "num_train": len(train.ids), "num_val": len(val.ids), **(extra or {})}
-    write_json_atomic(Path(out_dir) / "probe.json", out)
+    atomic_write_json(Path(out_dir) / "probe.json", out)
     return out
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -21,9 +19,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from tgdp.atomic import atomic_torch_save
 from tgdp.configs import Config, from_dict
 
-__all__ = ["VideoFeatures", "write_json_atomic", "write_text_atomic", "build_model", "load_checkpoint",
+__all__ = ["VideoFeatures", "build_model", "load_checkpoint",
            "make_retrieval_loader", "extract_video_features"]
 
 
@@ -41,16 +40,7 @@ class VideoFeatures:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic torch.save of the features (a plain dict, loadable with weights_only=True)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"a": self.a, "v": self.v, "ids": self.ids, "labels": self.labels}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save({"a": self.a, "v": self.v, "ids": self.ids, "labels": self.labels}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VideoFeatures":
@@ -59,25 +49,6 @@ class VideoFeatures:
         if missing:
             raise ValueError(f"feature file {path} lacks {sorted(missing)}")
         return cls(d["a"], d["v"], list(d["ids"]), [list(x) for x in d["labels"]])
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON (indent 2, UTF-8 names kept) written atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def build_model(cfg: Config) -> nn.Module:

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tgdp.atomic import atomic_write_bytes
 from tgdp.eval.tsne import tsne
 
 __all__ = ["plot_tsne", "plot_retrieval_examples", "plot_loss_curves", "read_log", "load_thumbnails"]
@@ -41,10 +42,7 @@ def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _as_2d(name: str, x) -> torch.Tensor:

@@ -16,8 +16,6 @@ removed when a manager opens the folder.
 
 from __future__ import annotations
 
-import io
-import os
 import random
 import re
 from pathlib import Path
@@ -25,41 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_save", "CheckpointManager", "rng_state", "set_rng_state", "model_state",
+from tgdp.atomic import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
+
+__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "model_state",
            "load_model_state", "optimizer_state", "load_optimizer_state"]
 
 _CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
-_TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems cannot open a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
-    path = Path(path)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_write_bytes` (serialised in memory first)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def rng_state() -> dict:
@@ -96,7 +65,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         if clean:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for p in self.dir.glob(f"{_TMP_PREFIX}*"):
+            for p in self.dir.glob(f"{TMP_PREFIX}*"):
                 p.unlink(missing_ok=True)  # a writer killed before its os.replace
 
     @staticmethod
@@ -122,7 +91,7 @@ class CheckpointManager:
 
     def save(self, state: dict, step: int) -> Path:
         path = self.dir / self.name(step)
-        atomic_save(state, path)
+        atomic_torch_save(state, path)
         atomic_write_bytes(self.dir / "latest", (path.name + "\n").encode())
         for old in self.checkpoints()[:-self.keep_last]:
             old.unlink(missing_ok=True)

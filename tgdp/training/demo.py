@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from tgdp.configs import Config, to_dict
-from tgdp.training.checkpoint import atomic_write_bytes
+from tgdp.atomic import atomic_write_json, atomic_write_text
 
 __all__ = ["run_demo", "write_loss_plot", "chance_recall", "format_report"]
 
@@ -96,8 +95,8 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
            "plots": {"loss_curves": summary.get("loss_plot"), "tsne": str(tsne)}}
     res["report_json"] = str(out / "report.json")
     res["report_md"] = str(out / "report.md")
-    atomic_write_bytes(out / "report.json", (json.dumps(res, indent=2) + "\n").encode())
+    atomic_write_json(out / "report.json", res)
     md = format_report(res)
-    atomic_write_bytes(out / "report.md", md.encode())
+    atomic_write_text(out / "report.md", md)
     print(md)
     return res

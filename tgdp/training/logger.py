@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from tgdp.training.checkpoint import atomic_write_bytes
+from tgdp.atomic import atomic_write_json
 
 __all__ = ["RunLogger", "peak_flops", "read_metrics"]
 
@@ -100,7 +100,7 @@ class RunLogger:
         if not self.enabled:
             return None
         path = self.out / "summary.json"
-        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+        atomic_write_json(path, data)
         return path
 
     def close(self) -> None:
