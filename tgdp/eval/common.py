@@ -52,21 +52,10 @@ class VideoFeatures:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The encoder for ``cfg.model``, chosen by ``train.model_impl`` like training does: the fast
-    model for "fast" (or "auto" when importable), else the reference model. Both share parameter
-    names and ``extract_features(audio, frames) -> (cls_a, cls_v)``.
-    """
-    if cfg.train.model_impl in ("auto", "fast"):
-        try:
-            from tgdp.model.fast import FastCAVMAESync
-        except ImportError:
-            if cfg.train.model_impl == "fast":
-                raise
-        else:
-            return FastCAVMAESync(cfg.model)
-    from tgdp.reference.model import CAVMAESync
+    """The encoder for ``cfg.model``, chosen by ``train.model_impl`` as training does."""
+    from tgdp.model import build_encoder
 
-    return CAVMAESync(cfg.model)
+    return build_encoder(cfg.model, cfg.train.model_impl)
 
 
 def _check_state_dict(model: nn.Module, sd: dict, path: Any, cfg: Config) -> None:

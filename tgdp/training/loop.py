@@ -40,23 +40,16 @@ def fast_unsupported(cfg: Config) -> str | None:
 
 
 def build_method(cfg: Config, device: torch.device) -> nn.Module:
-    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast", or "auto" when importable)
-    or the reference (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs
+    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast", or "auto" unless the run is
+    one the fast model does not support, see :func:`fast_unsupported`) or the reference (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs
     reference 0.38-0.40 s/step)."""
     from tgdp.method import TGDP
+    from tgdp.model import build_encoder
 
-    model = None
     impl = cfg.train.model_impl
     if impl == "auto" and fast_unsupported(cfg):
         impl = "reference"
-    if impl in ("fast", "auto"):
-        try:
-            from tgdp.model.fast import FastCAVMAESync
-        except ImportError:
-            if impl == "fast":
-                raise
-        else:
-            model = FastCAVMAESync(cfg.model, device=device)
+    model = build_encoder(cfg.model, impl, device)
     # The input value check syncs with the device every step; the loop checks the loss instead.
     return TGDP(cfg, model=model, device=device, check_finite=False).to(device)
 
