@@ -25,10 +25,24 @@ import torch
 
 from tgdp.atomic import TMP_PREFIX, atomic_torch_save, atomic_write_bytes
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "model_state",
+__all__ = ["CheckpointManager", "CheckpointError", "write_checkpoint", "read_checkpoint", "rng_state", "set_rng_state", "model_state",
            "load_model_state", "optimizer_state", "load_optimizer_state"]
 
 _CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupt or not what was expected; the message names its path."""
+
+
+def write_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write one checkpoint file atomically (every tgdp writer of ``.pt`` files goes through here)."""
+    return atomic_torch_save(state, path)
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint file written by :func:`write_checkpoint` (or an official one), weights only."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def rng_state() -> dict:
@@ -91,7 +105,7 @@ class CheckpointManager:
 
     def save(self, state: dict, step: int) -> Path:
         path = self.dir / self.name(step)
-        atomic_torch_save(state, path)
+        write_checkpoint(state, path)
         atomic_write_bytes(self.dir / "latest", (path.name + "\n").encode())
         for old in self.checkpoints()[:-self.keep_last]:
             old.unlink(missing_ok=True)
@@ -99,7 +113,7 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: str | Path, map_location="cpu") -> dict:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = read_checkpoint(path, map_location=map_location)
         for key in ("model", "teacher", "optimizer", "scheduler", "step", "data", "config"):
             if key not in state:
                 raise ValueError(f"checkpoint {path} has no {key!r} entry; not a tgdp training checkpoint")
