@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
+
+from tgdp import config_io
+from tgdp.config_io import ConfigError, apply_overrides, parse_cli_overrides, to_dict
 
 __all__ = [
     "ModelConfig", "MaskingConfig", "LossConfig", "TeacherConfig", "DataConfig", "TrainConfig",
     "EvalConfig", "Config", "ConfigError", "paper", "tiny", "PRESETS", "load", "apply_overrides",
     "to_dict", "from_dict", "parse_cli_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the dotted field."""
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,14 @@ def _check(ok: bool, name: str, value: Any, why: str) -> None:
         raise ConfigError(f"{name}={value!r} {why}")
 
 
-# Loading, overrides and (de)serialisation live in tgdp.config_io; re-exported here.
-from tgdp.config_io import (  # noqa: E402  (config_io imports the classes above)
-    apply_overrides, from_dict, load, parse_cli_overrides, to_dict,
-)
+# ----------------------------------------------------------------------------- loading (tgdp.config_io)
+
+def load(preset: str = "paper", file: str | Path | None = None,
+         overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Preset, then TOML file (``[model]`` tables etc.), then dotted overrides; validated."""
+    return config_io.load(PRESETS, preset, file, overrides)
+
+
+def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a config from a nested dict (e.g. a checkpoint's) on top of ``base`` (default: its preset)."""
+    return config_io.from_dict(PRESETS, d, base)
