@@ -50,7 +50,7 @@ import torch
 
 from tgdp.data.dali_plan import load_catalog, plan_epoch, planned_frame, scan_shard, write_indexes
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
-from tgdp.data.loader import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
+from tgdp.data.batch import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
 from tgdp.data.windows import audio_windows, window_starts
 
 __all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]

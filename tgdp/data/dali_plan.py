@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from tgdp.data.loader import sample_generator
+from tgdp.data.batch import sample_generator
 from tgdp.data.shards import read_index, read_manifest
 
 __all__ = ["ShardEntry", "scan_shard", "load_catalog", "planned_frame", "plan_epoch", "write_indexes"]
