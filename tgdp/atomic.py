@@ -36,10 +36,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)  # a full disk must not also keep a partial temporary
+        except OSError:
+            pass
+        if exc.filename is None:      # write/fsync errors (ENOSPC, EIO) carry no path: name the target
+            exc.filename = str(path)
+        raise
     # A crash before this rename leaves only the temporary; its owner removes stale ones on start.
     os.replace(tmp, path)
     _fsync_dir(path.parent)

@@ -41,8 +41,26 @@ def write_checkpoint(state: dict, path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint file written by :func:`write_checkpoint` (or an official one), weights only."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint file written by :func:`write_checkpoint` (or an official one), weights only.
+
+    A file that is not a torch checkpoint, is truncated, or holds pickled objects other than tensors
+    and plain containers raises :class:`CheckpointError` naming it (``OSError`` passes through)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch.load fails with many types (UnpicklingError, KeyError, EOFError...)
+        raise CheckpointError(_load_failure(path, exc)) from exc
+
+
+def _load_failure(path, exc: Exception) -> str:
+    # torch's own message advises weights_only=False (runs code from the file): never pass it on
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if found:
+        return (f"checkpoint {path} holds a pickled {found.group(1)} object, which tgdp refuses to load "
+                "(unpickling objects can run code); save only tensors and plain containers")
+    return (f"{path} is not a readable torch checkpoint ({type(exc).__name__}; truncated, corrupt or "
+            "another format); re-create or re-download it")
 
 
 def rng_state() -> dict:
