@@ -69,8 +69,8 @@ def test_wrong_or_missing_key_is_named():
     src = build(0)
     sd = official_from(src)
     sd["module.blocks_a.0.attn.qkv.weightt"] = sd.pop("module.blocks_a.0.attn.qkv.weight")
-    with pytest.raises(ValueError, match=r"missing keys \['blocks_a\.0\.attn\.qkv\.weight'\].*"
-                                         r"unexpected keys \['blocks_a\.0\.attn\.qkv\.weightt'\]"):
+    with pytest.raises(ValueError, match=r"missing keys 1 \(blocks_a\.0\.attn\.qkv\.weight\).*"
+                                         r"unexpected keys 1 \(blocks_a\.0\.attn\.qkv\.weightt\)"):
         convert.load_official(build(1), sd)
     sd = official_from(src)
     del sd["module.norm_a.bias"]
@@ -112,19 +112,93 @@ def test_select_prefix_reads_a_tgdp_checkpoint():
     assert torch.equal(outputs(src)[3], outputs(dst)[3])
 
 
-def test_cli_import_and_export(tmp_path, capsys):
+def test_long_key_lists_are_counted_not_listed():
+    """A state dict of another model: thousands of keys become a count and the first three."""
+    sd = {f"encoder.layer.{i}.weight": torch.zeros(1) for i in range(3000)}
+    with pytest.raises(ValueError) as info:
+        convert.load_official(build(1), sd)
+    msg = str(info.value)
+    assert len(msg) < 600 and "unexpected keys 3000 (first 3: encoder.layer.0.weight" in msg
+    assert f"missing keys {len(build(1).state_dict())} (first 3:" in msg
+
+
+def _args():
+    return ["--preset", "tiny", *[x for k, v in OVER.items() for x in (f"--{k}", str(v))]]
+
+
+def test_import_writes_a_tgdp_checkpoint_that_eval_and_init_accept(tmp_path, capsys):
+    from tgdp.eval import common
+    from tgdp.training.checkpoint import read_checkpoint
+
     src = build(0)
     official = tmp_path / "official.pth"
     torch.save(official_from(src), official)
     ours = tmp_path / "ours.pt"
-    args = ["--preset", "tiny", *[x for k, v in OVER.items() for x in (f"--{k}", str(v))]]
-    assert convert.main(["import", str(official), str(ours), *args]) == 0
-    assert "dropped 2 contrastive-head keys" in capsys.readouterr().out
+    assert convert.main(["import", str(official), str(ours), *_args()]) == 0
+    assert "set aside 2 contrastive-head keys" in capsys.readouterr().out
+    ck = read_checkpoint(ours)
+    assert set(ck) == {"model", "config", "provenance", "official_extra"}
+    prov = ck["provenance"]
+    import hashlib
+    assert prov["source"] == str(official.resolve())
+    assert prov["source_sha256"] == hashlib.sha256(official.read_bytes()).hexdigest()
+    assert prov["module_prefix"] is True and len(prov["dropped"]) == 2
+    assert ck["config"] == convert_cfg_dict()
+    # tgdp.eval reads it (model + config) and gets the official weights
+    model, ecfg = common.load_checkpoint(ours, model_factory=lambda c: CAVMAESync(c.model))
+    assert ecfg.model == cfg().model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    # --train.init reads it too (load_official unwraps "model")
     dst = build(1)
-    dst.load_state_dict(torch.load(ours, weights_only=True), strict=True)
+    convert.load_official(dst, ours)
     assert torch.equal(outputs(src)[0], outputs(dst)[0])
-    back = tmp_path / "back.pth"
-    assert convert.main(["export", str(ours), str(back), *args]) == 0
-    exported = torch.load(back, weights_only=True)
-    assert set(exported) == {k for k in official_from(src) if "constrative" not in k}
-    assert not list(tmp_path.glob("*.tmp"))                           # atomic writes leave no temp file
+
+
+def convert_cfg_dict():
+    from tgdp.configs import to_dict
+    return to_dict(cfg())
+
+
+def test_round_trip_official_tgdp_official_is_bit_exact(tmp_path, capsys):
+    """official -> import -> export (no --preset: the config comes from the checkpoint) -> the same
+    keys, dtypes and bytes, heads and ``module.`` prefix included; also without the prefix."""
+    src = build(0)
+    for prefix in (True, False):
+        sd = official_from(src)
+        sd["module.pos_embed_a"] = sd["module.pos_embed_a"] + 1e-3      # checkpoint tables travel as stored
+        sd["module.norm_a.weight"] = sd["module.norm_a.weight"].double()  # dtypes travel too
+        if not prefix:
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        official = tmp_path / f"official{prefix}.pth"
+        torch.save(sd, official)
+        ours, back = tmp_path / f"ours{prefix}.pt", tmp_path / f"back{prefix}.pth"
+        assert convert.main(["import", str(official), str(ours), *_args()]) == 0
+        assert convert.main(["export", str(ours), str(back)]) == 0
+        got = torch.load(back, weights_only=True)
+        assert sorted(got) == sorted(sd)
+        for k, v in sd.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert "official layout" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".tmp-*"))                          # atomic writes leave no temp file
+
+
+def test_export_of_a_training_checkpoint_and_its_teacher(tmp_path):
+    from tgdp.configs import to_dict
+    from tgdp.training.checkpoint import write_checkpoint
+
+    student, teacher = build(0), build(1)
+    write_checkpoint({"model": student.state_dict(), "teacher": teacher.state_dict(), "config": to_dict(cfg()),
+                      "step": 3}, tmp_path / "step.pt")
+    for weights, model in (("model", student), ("teacher", teacher)):
+        out = tmp_path / f"{weights}.pth"
+        assert convert.main(["export", str(tmp_path / "step.pt"), str(out), "--weights", weights, "--no-module"]) == 0
+        got = torch.load(out, weights_only=True)
+        assert set(got) == set(model.state_dict())
+        assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_of_a_bare_state_dict_needs_the_geometry(tmp_path, capsys):
+    torch.save(build(0).state_dict(), tmp_path / "bare.pt")
+    assert convert.main(["export", str(tmp_path / "bare.pt"), str(tmp_path / "o.pth")]) == 2
+    assert "stores no config" in capsys.readouterr().err
+    assert convert.main(["export", str(tmp_path / "bare.pt"), str(tmp_path / "o.pth"), *_args()]) == 0
