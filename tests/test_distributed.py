@@ -48,10 +48,10 @@ def test_fsdp2_bf16_mixed_precision_runs(tmp_path):
 
 @pytest.mark.slow
 def test_must_show_command_on_demo_data(tmp_path):
-    """``torchrun --nproc_per_node=2 -m tgdp.train --preset tiny --train.steps 20`` on the real demo set
-    (generated if missing), DDP and FSDP2, against one process: the cached demo source indexes the
-    global batch by step, so the losses match here too."""
-    base = ["--preset", "tiny", "--train.steps", "20", "--train.log_every", "5"]
+    """``torchrun --nproc_per_node=2 -m tgdp.train --demo --train.steps 20`` on the real demo set
+    (generated if missing; the report on rank 0), DDP and FSDP2, against one process: the cached demo
+    source indexes the global batch by step, so the losses match here too."""
+    base = ["--demo", "--train.steps", "20", "--train.log_every", "5"]
     run_train([*base, "--train.out_dir", str(tmp_path / "single")], timeout=1800)
     ref = losses(tmp_path / "single")
     assert sorted(ref) == [5, 10, 15, 20]

@@ -101,7 +101,12 @@ def test_fsdp2_resume_matches_uninterrupted(tmp_path):
 def test_resume_exact_on_streamed_shards(tmp_path):
     """data.cache_frames 0 (the shard loader): resuming replays the epoch order up to the saved
     position, so steps after the checkpoint equal the uninterrupted run bit for bit."""
-    args = ["--preset", "tiny", "--data.cache_frames", "0", "--train.batch_size", "8", "--train.steps", "6",
+    from tgdp.configs import tiny
+    from tgdp.data.synthetic import ensure_demo
+
+    root = str(ensure_demo(tiny().data.demo_dir) / "train")   # a run names its data (or says --demo)
+    args = ["--preset", "tiny", "--data.root", root, "--data.cache_frames", "0", "--train.batch_size", "8",
+            "--train.steps", "6",
             "--train.log_every", "1", "--train.ckpt_every", "3", "--train.keep_last", "5"]
     ref = tmp_path / "ref"
     run_train([*args, "--train.out_dir", str(ref)], timeout=1800)

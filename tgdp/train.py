@@ -1,111 +1,96 @@
-"""``python -m tgdp.train`` / ``torchrun --nproc_per_node=N -m tgdp.train``: TG-DP pretraining.
+"""python -m tgdp.train / torchrun --nproc_per_node=N -m tgdp.train: TG-DP pretraining.
 
-    python -m tgdp.train                                   # the main job: demo set -> tiny() -> retrieval report
-    python -m tgdp.train --demo --train.steps 50           # the main job with overrides
-    torchrun --standalone --nproc_per_node=2 -m tgdp.train --preset tiny --train.steps 20
+    python -m tgdp.train                                  # the main job: demo set -> tiny() -> retrieval report
+    python -m tgdp.train --demo --train.steps 50          # the main job with overrides
+    python -m tgdp.train --preset paper --data.root DIR   # pretraining on shards from python -m tgdp.prepare
+    torchrun --standalone --nproc_per_node=2 -m tgdp.train --demo --train.steps 20
     python -m tgdp.train --config run.toml --train.dist fsdp2 --train.resume true
+    python -m tgdp.train --print-config --preset tiny > run.toml   # every field, commented
 
-Everything after the known flags is a dotted config override (``--model.depth 2``). The config is
-built and validated — unknown keys, out-of-range values, a global batch not divisible by the
-world size — before any data is read or any process group is created.
+Everything after the known flags is a dotted config override (--model.depth 2, --train.lr=1e-4);
+python -m tgdp.train --print-config lists every field with its type, default and meaning. A run
+needs --data.root DIR (or --demo). The config is built and validated -- unknown keys, out-of-range
+values, a missing data folder, a global batch not divisible by the world size or larger than the
+data -- before any data is read or any process group is created.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from tgdp.configs import Config, ConfigError, load
+from tgdp.cli import parser, run, writing_to
 
-__all__ = ["main", "parse_args", "resolve_data_root"]
+__all__ = ["main", "parse_args", "train"]
+
+PROG = "tgdp.train"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.train", allow_abbrev=False,
-                                 description=__doc__.split("\n\n")[0],
-                                 epilog="Any other --section.field VALUE overrides the config.")
-    ap.add_argument("--config", default=None, help="TOML file applied on top of the preset")
+def _parser():
+    doc = __doc__.split("\n\n")
+    ap = parser(PROG, "\n\n".join(doc[:2]), epilog=doc[2])
+    ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
     ap.add_argument("--preset", default=None, help="paper | tiny (default: paper, tiny with --demo)")
     ap.add_argument("--demo", action="store_true",
-                    help="the main job: generate the demo set, train, evaluate retrieval, write a report")
-    args, rest = ap.parse_known_args(argv)
-    demo = args.demo or not argv
-    preset = args.preset or ("tiny" if demo else "paper")
-    cfg = load(preset, args.config, rest)
-    args.demo = demo
-    return args, cfg
+                    help="the main job: use (and first generate) the embedded demo set, train, evaluate "
+                         "retrieval on its held-out split, write a report")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the full config (preset + file + overrides) as TOML, one comment per field "
+                         "(type, default, meaning), and exit")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+    return ap
 
 
-def check_before_data(cfg: Config) -> None:
-    """Checks that need more than one config section; run before any data is read."""
-    from tgdp.training.distributed import check_world
+def parse_args(argv: list[str]):
+    """(args, validated config). With no arguments at all, ``--demo`` is implied."""
+    from tgdp.configs import load
 
-    check_world(cfg)
-    from tgdp.training.loop import fast_unsupported
-
-    why = fast_unsupported(cfg)
-    if cfg.train.model_impl == "fast" and why:
-        raise ConfigError(f"train.model_impl='fast' is not supported with {why}; use 'reference' or 'auto'")
-    if cfg.data.root == "random" and cfg.train.steps <= 0:
-        raise ConfigError("train.steps=0 with data.root='random': the noise source has no epochs; "
-                          "set train.steps")
+    args, rest = _parser().parse_known_args(argv)
+    args.demo = args.demo or not argv
+    args.overrides = list(rest)
+    args.preset = args.preset or ("tiny" if args.demo else "paper")
+    return args, load(args.preset, args.config, rest)
 
 
-def resolve_data_root(cfg: Config, is_main: bool) -> str | None:
-    """Training shard folder: ``data.root``; the demo set's ``train`` split (generated once, cached, by
-    rank 0 while the others wait) for ``data.root = ""``; None for the noise source."""
-    if cfg.data.root == "random":
-        return None
-    if cfg.data.root:
-        return cfg.data.root
-    from pathlib import Path
+def train(cfg, progress: bool = True, **kw) -> dict:
+    """Train with an already validated config in this process (see :func:`tgdp.training.launch.train`)."""
+    from tgdp.training.launch import train as _train
 
-    from tgdp.training.distributed import barrier
-
-    if is_main:
-        from tgdp.data.synthetic import ensure_demo
-        ensure_demo(cfg.data.demo_dir)
-    barrier()
-    return str(Path(cfg.data.demo_dir).expanduser() / "train")
+    return _train(cfg, progress, **kw)
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    """Train with an already validated config in this process (joins the torchrun group if any)."""
-    from tgdp.training.distributed import init_distributed, shutdown
-    from tgdp.training.loop import Trainer
+def _main(argv: list[str]) -> int:
+    args, cfg = parse_args(argv)
+    if args.print_config:
+        from tgdp.config_docs import DOCS, SECTIONS
+        from tgdp.config_io import to_toml
 
-    check_before_data(cfg)
-    info = init_distributed(cfg)
-    try:
-        root = resolve_data_root(cfg, info.is_main)
-        summary = Trainer(cfg, info, root, progress=progress).run()
-        if info.is_main:
-            from tgdp.training.demo import write_loss_plot
-            summary["loss_plot"] = write_loss_plot(cfg.train.out_dir)
-        return summary
-    finally:
-        shutdown()
+        print(to_toml(cfg, {**SECTIONS, **DOCS}), end="")
+        return 0
+    from tgdp.training.header import Origin
+    from tgdp.training.launch import check_before_data
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, cfg = parse_args(argv)
-        check_before_data(cfg)
-    except ConfigError as exc:
-        print(f"tgdp.train: config error: {exc}", file=sys.stderr)
-        return 2
+    check_before_data(cfg, demo=args.demo)
+    origin = Origin(args.preset, args.config, tuple(args.overrides))
     if args.demo:
         from tgdp.training.demo import run_demo
-        report = run_demo(cfg)
-        print(json.dumps({k: report[k] for k in ("report_md", "report_json", "plots")}, indent=2))
+
+        with writing_to(cfg.train.out_dir):
+            report = run_demo(cfg, origin=origin)
+        if report is not None:  # rank 0
+            print(json.dumps({k: report[k] for k in ("report_md", "report_json", "plots")}, indent=2))
         return 0
-    summary = train(cfg)
+    with writing_to(cfg.train.out_dir):
+        summary = train(cfg, origin=origin)
     if summary.get("checkpoint"):
         print(f"[tgdp.train] done: {summary['steps']} steps, summary {cfg.train.out_dir}/summary.json, "
               f"checkpoint {summary['checkpoint']}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (also the ``tgdp-train`` script): expected errors are one line and exit status 2."""
+    return run(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,24 @@
 """The main job (``python -m tgdp.train`` with no arguments), end to end on a CPU:
 
-1. generate the embedded demo set once (``tgdp.data.synthetic.ensure_demo``, cached by a stamp);
-2. pretrain ``tiny()`` on its ``train`` split (the ordinary training loop, checkpoints included);
+1. generate the embedded demo set once (``tgdp.data.synthetic.ensure_demo``, cached by a stamp;
+   the folder is announced);
+2. pretrain ``tiny()`` on its ``train`` split (the ordinary training run of
+   :func:`tgdp.training.launch.train`, checkpoints included; under torchrun on every rank);
 3. zero-shot retrieval on the held-out ``val`` split with the trained student (``tgdp.eval``);
 4. write ``report.json`` + ``report.md`` (R@1/5/10 both directions next to chance level), loss
-   curves and a t-SNE of the val globals, and print where they are.
+   curves and a t-SNE of the val globals, and print where they are. Steps 3 and 4 run on rank 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from tgdp.configs import Config, to_dict
 from tgdp.atomic import atomic_write_json, atomic_write_text
 
-__all__ = ["run_demo", "write_loss_plot", "chance_recall", "format_report"]
-
-
-def write_loss_plot(out_dir: str | Path) -> str | None:
-    """``<out_dir>/loss_curves.png`` from ``metrics.jsonl`` (tgdp.eval.plots); None if nothing was logged."""
-    out = Path(out_dir)
-    log = out / "metrics.jsonl"
-    if not log.is_file() or log.stat().st_size == 0:
-        return None
-    from tgdp.eval.plots import plot_loss_curves
-
-    keys = ["loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con"]
-    return str(plot_loss_curves(log, (out / "loss_curves.png").resolve(), keys=keys, title="TG-DP training losses"))
+__all__ = ["run_demo", "chance_recall", "format_report"]
 
 
 def chance_recall(n: int, k: int) -> float:
@@ -51,30 +42,25 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: Config, progress: bool = True) -> dict:
-    """Run the main job with ``cfg`` (``tiny()`` plus overrides); returns the report dict."""
-    import dataclasses
-
+def run_demo(cfg: Config, progress: bool = True, origin=None) -> dict | None:
+    """Run the main job with ``cfg`` (``tiny()`` plus overrides); returns the report dict on rank 0,
+    None on the other ranks of a torchrun job."""
     import torch
 
-    from tgdp.data.synthetic import ensure_demo
     from tgdp.eval import common
     from tgdp.eval.plots import plot_tsne
     from tgdp.eval.retrieval import retrieval_metrics
-    from tgdp.train import train
+    from tgdp.training.launch import say, train
 
     t0 = time.perf_counter()
-    demo = Path(cfg.data.demo_dir).expanduser()
-    root = cfg.data.root
-    if not root:
-        ensure_demo(demo, progress=progress)
-        root = str(demo / "train")
-    t_data = time.perf_counter() - t0
+    summary = train(cfg, progress=progress, demo=True, origin=origin)
+    if summary["rank"] != 0:
+        return None
+    root = summary["data_root"]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
-    summary = train(cfg, progress=progress)
-
     out = Path(cfg.train.out_dir).resolve()
     val = str(Path(root).parent / "val")
+    say(f"evaluating zero-shot retrieval of {summary['checkpoint']} on the held-out split {val}")
     model, ecfg = common.load_checkpoint(summary["checkpoint"], device="cpu")
     torch.set_grad_enabled(False)
     loader = common.make_retrieval_loader(ecfg, val)
@@ -85,11 +71,12 @@ def run_demo(cfg: Config, progress: bool = True) -> dict:
     n = ret["num_videos"]
     k = ecfg.data.eval_frame
     labels = [lab[0] if lab else "?" for lab in feats.labels]
+    say("plotting a t-SNE of the held-out globals")
     tsne = plot_tsne(feats.a[:, k], feats.v[:, k], labels, out / "tsne_val.png",
                      title="held-out globals (audio o, video ^)")
     res = {"retrieval": ret, "chance": {f"R@{kk}": chance_recall(n, kk) for kk in (1, 5, 10)},
            "train": {key: summary[key] for key in ("steps", "wall_s", "samples_per_s", "nonfinite_steps")},
-           "last_log": summary.get("last"), "data_wall_s": t_data, "wall_s": time.perf_counter() - t0,
+           "last_log": summary.get("last"), "data_wall_s": summary["data_s"], "wall_s": time.perf_counter() - t0,
            "device": summary["device"], "checkpoint": summary["checkpoint"], "val_root": val,
            "config": to_dict(cfg),
            "plots": {"loss_curves": summary.get("loss_plot"), "tsne": str(tsne)}}

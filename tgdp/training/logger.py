@@ -64,7 +64,7 @@ class RunLogger:
             try:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                                 mininterval=1.0)
+                                 mininterval=1.0, desc="train")
             except ImportError:
                 self._bar = None
         self._t0 = time.perf_counter()
