@@ -388,7 +388,7 @@ def test_cli_retrieval_with_real_model_and_loader(tmp_path):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_real_checkpoint_vs_wrong_config_and_empty_data(tmp_path):
+def test_real_checkpoint_vs_wrong_config_and_empty_data(tmp_path, capsys):
     model, cfg = real_checkpoint(tmp_path)
     from tgdp.configs import apply_overrides
     from tgdp.data.shards import new_manifest, write_manifest
@@ -400,7 +400,7 @@ def test_real_checkpoint_vs_wrong_config_and_empty_data(tmp_path):
         common.load_checkpoint(tmp_path / "wrong.pt")
     (tmp_path / "empty").mkdir()
     write_manifest(tmp_path / "empty", new_manifest(img_size=32))
-    with pytest.raises(ValueError, match="empty"):
-        main(["retrieval", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "empty"),
-              "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert main(["retrieval", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("tgdp.eval: error: empty data")
     assert not (tmp_path / "eval" / "retrieval.json").exists()

@@ -16,38 +16,41 @@ SDPA kernels) and the count is the same on CPU and on the meta device.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-from tgdp.configs import Config, ConfigError, load
+from tgdp.configs import Config
 
 __all__ = ["count_step_flops", "compare", "main"]
 
-_aten = torch.ops.aten
+# torch is imported inside the functions, so ``python -m tgdp.flops --help`` answers at once.
 
 
 def _cpu_sdpa_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-CUSTOM_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_fwd,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_bwd,
-}
+def _counter():
+    """A ``FlopCounterMode`` that also counts the CPU flash SDPA kernels."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def _counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS)
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_fwd,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_bwd})
 
 
 def _masks(batch: int, n: int, ratio: float, device: str):
+    import torch
+
     from tgdp.masking import Masks, random_masks
 
     m = random_masks(batch, n, ratio, torch.Generator().manual_seed(0))  # drawn on CPU, values irrelevant
@@ -61,6 +64,8 @@ def count_step_flops(cfg: Config, impl: str = "fast", schedule: str = "fast", ba
     Returns ``{"teacher": fwd, "student": fwd+bwd incl. losses, "total"}`` per sample. Masks are
     fixed per ratio (the count does not depend on which patches are kept).
     """
+    import torch
+
     from tgdp.method import TGDP
     from tgdp.model.fast import FastCAVMAESync
     from tgdp.reference.model import CAVMAESync
@@ -112,24 +117,35 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.flops", allow_abbrev=False,
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--config", default=None, help="TOML file applied on top of the preset")
+def _main(argv: list[str]) -> int:
+    from tgdp.cli import UserError, parser
+    from tgdp.configs import load
+
+    ap = parser("tgdp.flops", __doc__.split("\n\n")[0],
+                epilog="Any other --section.field VALUE overrides the config (python -m tgdp.train "
+                       "--print-config lists the fields).")
+    ap.add_argument("--preset", default="paper", help="config preset: paper | tiny")
+    ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
     ap.add_argument("--batch", type=int, default=2, help="batch counted (results are per sample)")
-    ap.add_argument("--device", default="meta", help="meta (default: no memory, no compute) or cpu")
+    ap.add_argument("--device", default="meta", choices=("meta", "cpu"),
+                    help="meta: no memory, no compute; cpu: real tensors")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args, rest = ap.parse_known_args(argv)
-    try:
-        cfg = load(args.preset, args.config, rest)
-        rows = compare(cfg, args.batch, args.device)
-    except (ConfigError, ValueError) as exc:
-        print(f"tgdp.flops: {exc}", file=sys.stderr)
-        return 2
+    cfg = load(args.preset, args.config, rest)
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch} must be >= 1")
+    rows = compare(cfg, args.batch, args.device)
     print(f"Counted FLOPs per training sample ({cfg.preset}; FlopCounterMode; teacher fwd + student "
           f"fwd+bwd; rec ratio {cfg.masking.rec_ratio}, con ratio {cfg.masking.con_ratio}):")
     print(format_table(rows))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.flops``: expected errors are one line and exit status 2."""
+    from tgdp.cli import run
+
+    return run("tgdp.flops", _main, argv)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ counted work costs, not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from tgdp.configs import Config, ConfigError, load
+from tgdp.configs import Config, load
 
 __all__ = ["train_flops_per_sample", "project", "main", "H100_BF16_PEAK", "AS2M_PAIRS"]
 
@@ -65,20 +64,23 @@ def _hms(s: float) -> str:
     h, rem = divmod(int(round(s)), 3600)
     return f"{h}h{rem // 60:02d}m{rem % 60:02d}s"
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.perf", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation (default 0.4)")
+def _main(argv: list[str]) -> int:
+    from tgdp.cli import UserError, parser
+
+    ap = parser("tgdp.perf", __doc__.split("\n\n")[0],
+                epilog="Any other --section.field VALUE overrides the config (python -m tgdp.train "
+                       "--print-config lists the fields).")
+    ap.add_argument("--preset", default="paper", help="config preset: paper | tiny")
+    ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation, in (0, 1]")
     ap.add_argument("--pairs", type=int, default=AS2M_PAIRS, help="pairs per epoch (AS-2M: 1.39 M)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args, rest = ap.parse_known_args(argv)
-    try:
-        cfg = load(args.preset, args.config, rest)
-        r = report(cfg, args.mfu, args.pairs)
-    except (ConfigError, ValueError) as exc:
-        print(f"tgdp.perf: {exc}", file=sys.stderr)
-        return 2
+    cfg = load(args.preset, args.config, rest)
+    if not 0 < args.mfu <= 1 or args.pairs < 1:
+        raise UserError(f"--mfu {args.mfu} must be in (0, 1] and --pairs {args.pairs} >= 1")
+    r = report(cfg, args.mfu, args.pairs)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -93,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     for g, s in r["projected_epoch_s"].items():
         print(f"  {g} GPU{'s' if g != '1' else ' '}  {_hms(s)} per epoch ({s:,.0f} s)")
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.perf``: expected errors are one line and exit status 2."""
+    from tgdp.cli import run
+
+    return run("tgdp.perf", _main, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,6 @@ are resolved against the list file's folder.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -159,7 +158,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, workers: int | No
     tasks = [(item, settings) for s in todo for item in items[s * shard_size:(s + 1) * shard_size]]
 
     from tqdm import tqdm
-    bar = tqdm(total=len(tasks), unit="clip", desc="prepare", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(tasks), unit="clip", desc=f"prepare {out.name}", disable=not progress, file=sys.stderr)
     nproc = (os.cpu_count() or 1) if workers is None else workers
     own_pool = None
     if pool is None and nproc > 1 and len(tasks) > 1:
@@ -221,27 +220,42 @@ def _fingerprint(items: list[ClipInput], settings: dict, shard_size: int) -> str
     return h.hexdigest()[:16]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.prepare", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--src", required=True, help="folder of videos, or a .csv/.json list")
+def _main(argv: list[str]) -> int:
+    from tgdp.cli import UserError, parser, writing_to
+
+    ap = parser("tgdp.prepare", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
+    ap.add_argument("--src", required=True, help="folder of videos, or a .csv/.json list of them")
     ap.add_argument("--out", required=True, help="output folder (manifest.json + shards)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
-    ap.add_argument("--img-size", type=int, default=224, help="stored frame size")
+    ap.add_argument("--img-size", type=int, default=224, help="stored frame size in pixels")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--shard-size", args.shard_size, 1), ("--img-size", args.img_size, 1),
+                               ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value} must be >= {least}")
     try:
-        manifest = prepare(args.src, args.out, workers=args.workers, shard_size=args.shard_size,
-                           img_size=args.img_size, progress=not args.no_progress)
-    except ValueError as e:
-        ap.error(str(e))
+        with writing_to(args.out):
+            manifest = prepare(args.src, args.out, workers=args.workers, shard_size=args.shard_size,
+                               img_size=args.img_size, progress=not args.no_progress)
+    except ValueError as e:  # bad arguments, an unreadable list, a folder of other shards
+        msg = str(e)
+        raise UserError(msg if str(args.src) in msg or str(args.out) in msg else f"--src {args.src}: {msg}") from e
     reasons: dict[str, int] = {}
     for s in manifest["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     print(f"{manifest['num_samples']} clips in {len(manifest['shards'])} shards under {args.out}; "
           f"skipped {len(manifest['skipped'])} {reasons or ''} (see skipped.json)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.prepare``: expected errors are one line and exit status 2."""
+    from tgdp.cli import run
+
+    return run("tgdp.prepare", _main, argv)
 
 
 if __name__ == "__main__":

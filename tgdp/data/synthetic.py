@@ -21,7 +21,6 @@ also reads. They go through :func:`tgdp.prepare.prepare` into ``<out>/train`` an
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import multiprocessing
@@ -261,23 +260,37 @@ def ensure_demo(out: str | os.PathLike | None = None, *, n_train: int = 400, n_v
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.data.synthetic", description=__doc__.split("\n\n")[0])
+def _main(argv: list[str]) -> int:
+    from tgdp.cli import UserError, parser, writing_to
+
+    ap = parser("tgdp.data.synthetic", __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
     ap.add_argument("--out", default=DataConfig().demo_dir, help="output folder")
     ap.add_argument("--n", type=int, default=400, help="training clips")
     ap.add_argument("--n-val", type=int, default=64, help="held-out (retrieval) clips")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same clips)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--keep-videos", action="store_true", help="keep the .mkv sources in <out>/videos")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.n_val < 1:
+        raise UserError(f"--n {args.n} and --n-val {args.n_val} must both be >= 1")
     try:
-        out = ensure_demo(args.out, n_train=args.n, n_val=args.n_val, seed=args.seed,
-                          workers=args.workers, keep_videos=args.keep_videos)
-    except ValueError as e:
-        ap.error(str(e))
+        with writing_to(args.out):
+            out = ensure_demo(args.out, n_train=args.n, n_val=args.n_val, seed=args.seed,
+                              workers=args.workers, keep_videos=args.keep_videos, progress=not args.no_progress)
+    except ValueError as e:  # bad counts, or a folder the generator did not make
+        raise UserError(str(e)) from e
     print(f"demo set ready: {out}/train ({read_manifest(out / 'train')['num_samples']} clips), "
           f"{out}/val ({read_manifest(out / 'val')['num_samples']} clips)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.data.synthetic``: expected errors are one line and exit status 2."""
+    from tgdp.cli import run
+
+    return run("tgdp.data.synthetic", _main, argv)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,24 @@
 - :mod:`tgdp.eval.plots` (+ :mod:`tgdp.eval.tsne`): t-SNE, retrieval examples, loss curves.
 - :mod:`tgdp.eval.common`: checkpoint -> frozen encoder, feature extraction, atomic writes.
 
-Only torch is imported here; matplotlib and the data loader are imported where they are used.
+The exports below are resolved on first use (module ``__getattr__``): importing the package, as
+``python -m tgdp.eval --help`` does, imports no torch.
 """
 
-from tgdp.eval.retrieval import format_table, retrieval_metrics, similarity_matrix
+import importlib
 
-__all__ = ["format_table", "retrieval_metrics", "similarity_matrix"]
+_EXPORTS = {"format_table": "retrieval", "retrieval_metrics": "retrieval", "similarity_matrix": "retrieval"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:  # AttributeError (not another error) lets `from tgdp.eval import <submodule>` work
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,40 +1,79 @@
-"""``python -m tgdp.eval {retrieval,probe,plot-log}``.
+"""python -m tgdp.eval {retrieval,probe,plot-log}: evaluate a pretrained checkpoint.
+
+    python -m tgdp.eval retrieval --ckpt runs/tiny/checkpoints/step-00001000.pt --data DIR [--plots]
+    python -m tgdp.eval probe --ckpt CKPT --data TRAIN_DIR --val-data VAL_DIR [--preset audioset]
+    python -m tgdp.eval plot-log --log runs/tiny/metrics.jsonl --out curves.png
 
 retrieval: checkpoint + shard folder -> per-frame features -> R@1/5/10 and MR (V->A, A->V),
-    written to ``<out>/retrieval.json`` and ``<out>/retrieval.md``; ``--plots`` adds a t-SNE and
-    top-5 examples. ``--features F`` evaluates saved features instead of running the model.
+written to <out>/retrieval.json and <out>/retrieval.md; --plots adds a t-SNE and top-5 examples;
+--features F evaluates saved features instead of running the model.
 probe: checkpoint + train (and val) shard folders -> frozen features -> attention probe; the
-    per-epoch metrics go to ``<out>/probe.json``.
+per-epoch metrics go to <out>/probe.json.
 plot-log: loss curves of a run log (JSON lines / JSON / CSV) -> PNG.
 
-Dotted config overrides (``--eval.chunk 1024``, ``--data.num_workers 0``) may follow the flags;
-they apply on top of the checkpoint's saved config (the model geometry always comes from it).
+Checkpoints: training checkpoints (runs/<name>/checkpoints/step-*.pt) or official weights imported
+with python -m tgdp.convert import. Dotted config overrides (--eval.chunk 1024,
+--data.num_workers 0) may follow the flags; they apply on top of the checkpoint's saved config
+(the model geometry always comes from it).
 """
 
 from __future__ import annotations
 
-import argparse
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from tgdp.configs import parse_cli_overrides
-from tgdp.eval import common
 from tgdp.atomic import atomic_write_json, atomic_write_text
-from tgdp.eval.common import VideoFeatures
-from tgdp.eval.retrieval import TIES, format_table, retrieval_metrics
+from tgdp.cli import HelpFormatter, UserError, parser, run
+
+if TYPE_CHECKING:
+    import torch
+
+    from tgdp.eval.common import VideoFeatures
+
+PROG = "tgdp.eval"
+TIES = ("official", "optimistic", "pessimistic")  # = tgdp.eval.retrieval.TIES (not imported: --help stays fast)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str) -> "torch.device":
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    return dev
 
 
-def _features(ckpt: str, data: str | None, overrides: dict, device: torch.device,
-              limit: bool = False, weights: str = "model") -> tuple[VideoFeatures, object]:
+def _check_inputs(ckpt: str | None, data: list[str | None]) -> None:
+    """Fail in one line, before any model is built, on a missing checkpoint or shard folder."""
+    if ckpt is not None and not Path(ckpt).is_file():
+        what = "is a folder" if Path(ckpt).is_dir() else "does not exist"
+        raise UserError(f"--ckpt {ckpt} {what}; give a checkpoint file (runs/<name>/checkpoints/step-*.pt "
+                        "or one made by python -m tgdp.convert import)")
+    from tgdp.data.shards import read_manifest
+
+    for root in data:
+        if root is None:
+            continue
+        if not Path(root).is_dir():
+            raise UserError(f"--data {root}: no such folder; give a shard folder made by python -m tgdp.prepare")
+        try:
+            read_manifest(root)
+        except ValueError as exc:
+            raise UserError(f"--data {root}: {exc}") from None
+
+
+def _features(ckpt: str, data: str | None, overrides: dict, device: "torch.device",
+              limit: bool = False, weights: str = "model") -> tuple["VideoFeatures", object]:
     """Frozen-encoder features of a shard folder; ``limit``: at most eval.retrieval_videos videos."""
+    from tgdp.eval import common
+
     model, cfg = common.load_checkpoint(ckpt, overrides=overrides, device=device, weights=weights)
     loader = common.make_retrieval_loader(cfg, data, device=device)
     max_videos = cfg.eval.retrieval_videos if limit else None
@@ -42,9 +81,11 @@ def _features(ckpt: str, data: str | None, overrides: dict, device: torch.device
     return feats, cfg
 
 
-def run_retrieval(feats: VideoFeatures, out_dir: str | Path, chunk: int = 4096, ties: str = "official",
+def run_retrieval(feats: "VideoFeatures", out_dir: str | Path, chunk: int = 4096, ties: str = "official",
                   extra: dict | None = None) -> dict:
     """Metrics of ``feats`` (on their device) written atomically to out_dir/retrieval.{json,md}."""
+    from tgdp.eval.retrieval import format_table, retrieval_metrics
+
     result = retrieval_metrics(feats.a, feats.v, chunk=chunk, ties=ties)
     result.update(extra or {})
     out = Path(out_dir)
@@ -53,8 +94,8 @@ def run_retrieval(feats: VideoFeatures, out_dir: str | Path, chunk: int = 4096, 
     return result
 
 
-def run_probe(train: VideoFeatures, val: VideoFeatures, settings, out_dir: str | Path,
-              device: torch.device | None = None, extra: dict | None = None) -> dict:
+def run_probe(train: "VideoFeatures", val: "VideoFeatures", settings, out_dir: str | Path,
+              device: "torch.device | None" = None, extra: dict | None = None) -> dict:
     """Train the probe on ``train``, evaluate on ``val`` per epoch; write out_dir/probe.json."""
     from tgdp.eval.probe import encode_labels, train_probe
 
@@ -72,11 +113,13 @@ def run_probe(train: VideoFeatures, val: VideoFeatures, settings, out_dir: str |
     return out
 
 
-def _subset(f: VideoFeatures, idx: list[int]) -> VideoFeatures:
+def _subset(f: "VideoFeatures", idx: list[int]) -> "VideoFeatures":
+    from tgdp.eval.common import VideoFeatures
+
     return VideoFeatures(f.a[idx], f.v[idx], [f.ids[i] for i in idx], [f.labels[i] for i in idx])
 
 
-def _retrieval_plots(feats: VideoFeatures, cfg, data: str | None, out: Path) -> None:
+def _retrieval_plots(feats: "VideoFeatures", cfg, data: str | None, out: Path) -> None:
     from tgdp.eval.plots import load_thumbnails, plot_retrieval_examples, plot_tsne
     from tgdp.eval.retrieval import similarity_matrix
 
@@ -95,76 +138,125 @@ def _retrieval_plots(feats: VideoFeatures, cfg, data: str | None, out: Path) -> 
                             k=min(5, len(feats.ids)), labels=labels, query_title="audio of")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.eval", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("retrieval", help="zero-shot retrieval metrics")
-    r.add_argument("--ckpt", help="training checkpoint (dict with 'model' and 'config')")
-    r.add_argument("--data", default=None, help="shard folder (default: the checkpoint config's data.root)")
-    r.add_argument("--features", default=None, help="saved features (.pt) to evaluate instead of --ckpt")
-    r.add_argument("--out", default=None, help="output folder (default: <ckpt folder>/eval)")
-    r.add_argument("--ties", default="official", choices=TIES)
-    r.add_argument("--chunk", type=int, default=None, help="rows per similarity block (default eval.chunk)")
-    r.add_argument("--device", default="auto")
+def _parser():
+    doc = __doc__.split("\n\n")
+    ap = parser(PROG, "\n\n".join(doc[:3]), epilog=doc[3])
+    # one description per subcommand: its "name: ..." block of the docstring's third paragraph
+    blocks = re.split(r"\n(?=(?:retrieval|probe|plot-log): )", doc[2])
+    desc = {b.split(":", 1)[0]: b.strip() for b in blocks}
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{retrieval,probe,plot-log}")
+    common = dict(formatter_class=HelpFormatter, allow_abbrev=False)
+    r = sub.add_parser("retrieval", help="zero-shot retrieval metrics", description=desc["retrieval"], **common)
+    r.add_argument("--ckpt", metavar="FILE", help="checkpoint (training, or from python -m tgdp.convert import)")
+    r.add_argument("--data", default=None, metavar="DIR",
+                   help="shard folder (default: the checkpoint config's data.root)")
+    r.add_argument("--features", default=None, metavar="FILE",
+                   help="saved features (.pt, from --save-features) to evaluate instead of --ckpt")
+    r.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ckpt folder>/eval)")
+    r.add_argument("--ties", default="official", choices=TIES,
+                   help="rank of tied scores: official (pooled entries, as the released code), optimistic "
+                        "or pessimistic (one rank per query)")
+    r.add_argument("--chunk", type=int, default=None, help="rows per similarity block (default: eval.chunk)")
+    r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     r.add_argument("--weights", choices=("model", "teacher"), default="model",
                    help="checkpoint weights: the student ('model') or the EMA teacher")
-    r.add_argument("--save-features", action="store_true")
+    r.add_argument("--save-features", action="store_true", help="also write <out>/features.pt")
     r.add_argument("--plots", action="store_true", help="also write tsne.png and retrieval_a2v.png")
-    p = sub.add_parser("probe", help="attention probe on frozen features")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", default=None, help="training shard folder")
-    p.add_argument("--val-data", default=None, help="validation shard folder (default: split --data)")
-    p.add_argument("--val-frac", type=float, default=0.25)
-    p.add_argument("--preset", choices=("vggsound", "audioset"), default="vggsound")
-    p.add_argument("--modality", choices=("both", "audio", "video"), default="both")
-    for name, tp in (("epochs", int), ("batch-size", int), ("lr", float), ("warmup-epochs", float),
-                     ("mixup", float), ("seed", int), ("num-heads", int)):
-        p.add_argument(f"--{name}", type=tp, default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--weights", choices=("model", "teacher"), default="model")
-    g = sub.add_parser("plot-log", help="loss curves of a run log")
-    g.add_argument("--log", required=True)
-    g.add_argument("--out", required=True, help="PNG path")
+    p = sub.add_parser("probe", help="attention probe on frozen features", description=desc["probe"], **common)
+    p.add_argument("--ckpt", required=True, metavar="FILE",
+                   help="checkpoint (training, or from python -m tgdp.convert import)")
+    p.add_argument("--data", default=None, metavar="DIR", help="training shard folder of the probe")
+    p.add_argument("--val-data", default=None, metavar="DIR",
+                   help="validation shard folder (default: a stratified split of --data)")
+    p.add_argument("--val-frac", type=float, default=0.25, help="share of --data held out when no --val-data")
+    p.add_argument("--preset", choices=("vggsound", "audioset"), default="vggsound",
+                   help="probe recipe (supplement Table 1): vggsound = single-label top-1, audioset = "
+                        "multi-label mAP")
+    p.add_argument("--modality", choices=("both", "audio", "video"), default="both",
+                   help="which frozen features the probe reads")
+    for name, tp, what in (("epochs", int, "training epochs"), ("batch-size", int, "videos per batch"),
+                           ("lr", float, "peak learning rate"), ("warmup-epochs", float, "linear warmup"),
+                           ("mixup", float, "probability of mixing a sample, 0 = off"),
+                           ("seed", int, "seed of the probe and of the split"),
+                           ("num-heads", int, "attention heads of the probe")):
+        p.add_argument(f"--{name}", type=tp, default=None, help=f"{what} (default: from --preset)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ckpt folder>/eval)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--weights", choices=("model", "teacher"), default="model",
+                   help="checkpoint weights: the student ('model') or the EMA teacher")
+    g = sub.add_parser("plot-log", help="loss curves of a run log", description=desc["plot-log"], **common)
+    g.add_argument("--log", required=True, metavar="FILE", help="metrics.jsonl / .json / .csv of a run")
+    g.add_argument("--out", required=True, metavar="PNG", help="PNG path to write")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+    return ap
+
+
+def _main(argv: list[str]) -> int:
+    from tgdp.configs import parse_cli_overrides
+
+    ap = _parser()
     args, rest = ap.parse_known_args(argv)
     overrides = parse_cli_overrides(rest) if rest else {}
 
     if args.cmd == "plot-log":
+        if not Path(args.log).is_file():
+            what = "is a folder" if Path(args.log).is_dir() else "does not exist"
+            raise UserError(f"--log {args.log} {what}; give a run's metrics.jsonl (or .json / .csv)")
         from tgdp.eval.plots import plot_loss_curves
 
         print(plot_loss_curves(args.log, args.out))
         return 0
 
-    device = _device(args.device)
     if args.cmd == "retrieval":
-        if (args.ckpt is None) == (args.features is None):
-            ap.error("retrieval needs exactly one of --ckpt or --features")
-        if args.plots and args.features:
-            ap.error("--plots needs --ckpt (the config names the frame to plot)")
-        src = Path(args.ckpt or args.features)
-        out = Path(args.out) if args.out else src.parent / "eval"
-        if args.features:
-            feats, cfg = VideoFeatures.load(args.features), None
-            chunk = args.chunk or 4096
-        else:
-            feats, cfg = _features(args.ckpt, args.data, overrides, device, limit=True, weights=args.weights)
-            chunk = args.chunk or cfg.eval.chunk
-            if args.save_features:
-                feats.save(out / "features.pt")
-        feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels)
-        res = run_retrieval(feats, out, chunk=chunk, ties=args.ties, extra={"source": str(src)})
-        print(format_table(res))
-        print(f"wrote {out / 'retrieval.json'}")
-        if args.plots:
-            _retrieval_plots(VideoFeatures(feats.a.cpu(), feats.v.cpu(), feats.ids, feats.labels),
-                             cfg, args.data, out)
-        return 0
+        return _retrieval(args, overrides)
+    return _probe(args, overrides)
 
+
+def _retrieval(args, overrides: dict) -> int:
+    if (args.ckpt is None) == (args.features is None):
+        raise UserError("retrieval needs exactly one of --ckpt or --features; see python -m tgdp.eval retrieval --help")
+    if args.plots and args.features:
+        raise UserError("--plots needs --ckpt (the config names the frame to plot); drop --plots or use --ckpt")
+    _check_inputs(args.ckpt, [args.data])
+    if args.features and not Path(args.features).is_file():
+        raise UserError(f"--features {args.features} does not exist; give a file written by --save-features")
+    device = _device(args.device)
+    from tgdp.eval.common import VideoFeatures
+    from tgdp.eval.retrieval import format_table
+
+    src = Path(args.ckpt or args.features)
+    out = Path(args.out) if args.out else src.parent / "eval"
+    if args.features:
+        feats, cfg = VideoFeatures.load(args.features), None
+        chunk = args.chunk or 4096
+    else:
+        feats, cfg = _features(args.ckpt, args.data, overrides, device, limit=True, weights=args.weights)
+        chunk = args.chunk or cfg.eval.chunk
+        if args.save_features:
+            feats.save(out / "features.pt")
+    feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels)
+    res = run_retrieval(feats, out, chunk=chunk, ties=args.ties, extra={"source": str(src)})
+    print(format_table(res))
+    print(f"wrote {out / 'retrieval.json'}")
+    if args.plots:
+        _retrieval_plots(VideoFeatures(feats.a.cpu(), feats.v.cpu(), feats.ids, feats.labels),
+                         cfg, args.data, out)
+    return 0
+
+
+def _probe(args, overrides: dict) -> int:
+    _check_inputs(args.ckpt, [args.data, args.val_data])
+    if not 0 < args.val_frac < 1:
+        raise UserError(f"--val-frac {args.val_frac} must be in (0, 1)")
     from tgdp.eval.probe import ProbeSettings, stratified_split
 
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup_epochs", "mixup", "seed",
                                         "num_heads") if getattr(args, k) is not None}
-    settings = getattr(ProbeSettings, args.preset)(modality=args.modality, **kw)
+    try:
+        settings = getattr(ProbeSettings, args.preset)(modality=args.modality, **kw)
+    except ValueError as exc:  # "probe.<field>=<value> <why>"
+        raise UserError(f"{exc}; see python -m tgdp.eval probe --help") from None
+    device = _device(args.device)
     train, cfg = _features(args.ckpt, args.data, overrides, device, weights=args.weights)
     if args.val_data:
         val, _ = _features(args.ckpt, args.val_data, overrides, device, weights=args.weights)
@@ -175,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     res = run_probe(train, val, settings, out, device, extra={"ckpt": str(args.ckpt)})
     print(f"{res['metric']}: best {res['best']:.4f}, final {res['final']:.4f}; wrote {out / 'probe.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.eval``: expected errors are one line and exit status 2."""
+    return run(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Checkpoints are dicts with at least ``"model"`` (the student state dict, official parameter names)
 and ``"config"`` (:func:`tgdp.configs.to_dict`). The model is rebuilt from the saved config and
 the state dict must match it exactly: a missing or unexpected key or a shape that disagrees with
-the config raises ``ValueError`` (the official loader's ``strict=False`` silently evaluates random
-weights, spec §9.16).
+the config raises ``CheckpointError``, a ``ValueError`` (the official loader's ``strict=False``
+silently evaluates random weights, spec §9.16).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from tgdp.atomic import atomic_torch_save
 from tgdp.configs import Config, from_dict
 
 __all__ = ["VideoFeatures", "build_model", "load_checkpoint",
@@ -39,15 +38,20 @@ class VideoFeatures:
     labels: list[list[str]]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomic torch.save of the features (a plain dict, loadable with weights_only=True)."""
-        atomic_torch_save({"a": self.a, "v": self.v, "ids": self.ids, "labels": self.labels}, path)
+        """Atomic save of the features (a plain dict of tensors and lists, read back weights-only)."""
+        from tgdp.training.checkpoint import write_checkpoint
+
+        write_checkpoint({"a": self.a, "v": self.v, "ids": self.ids, "labels": self.labels}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VideoFeatures":
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"a", "v", "ids", "labels"} - set(d)
+        from tgdp.training.checkpoint import CheckpointError, read_checkpoint
+
+        d = read_checkpoint(path)
+        missing = {"a", "v", "ids", "labels"} - set(d) if isinstance(d, dict) else {"a", "v", "ids", "labels"}
         if missing:
-            raise ValueError(f"feature file {path} lacks {sorted(missing)}")
+            raise CheckpointError(f"feature file {path} lacks {sorted(missing)}; write it with "
+                                  "python -m tgdp.eval retrieval --save-features")
         return cls(d["a"], d["v"], list(d["ids"]), [list(x) for x in d["labels"]])
 
 
@@ -77,7 +81,9 @@ def _check_state_dict(model: nn.Module, sd: dict, path: Any, cfg: Config) -> Non
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]} "
                          "(official checkpoints: convert them with `python -m tgdp.convert`)")
-        raise ValueError("; ".join(parts))
+        from tgdp.training.checkpoint import CheckpointError
+
+        raise CheckpointError("; ".join(parts))
 
 
 def load_checkpoint(path: str | os.PathLike, overrides: dict | None = None,
@@ -93,25 +99,26 @@ def load_checkpoint(path: str | os.PathLike, overrides: dict | None = None,
     """
     from tgdp.configs import apply_overrides
 
+    from tgdp.cli import fold
+    from tgdp.training.checkpoint import CheckpointError, read_checkpoint
+
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types; re-raise with the path
-        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file")
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint {path} must be a dict with 'model' and 'config'; got {keys}")
+        keys = fold(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path} must be a dict with 'model' and 'config'; got {keys} "
+                              "(official weights: convert them with python -m tgdp.convert import)")
     cfg = from_dict(ckpt["config"]).validate()
     if overrides:
         cfg = apply_overrides(cfg, overrides).validate()
     if weights not in ckpt:
-        raise ValueError(f"checkpoint {path} has no {weights!r} weights; it has {sorted(ckpt)}")
+        raise CheckpointError(f"checkpoint {path} has no {weights!r} weights; it has {fold(sorted(ckpt))}")
     model = (model_factory or build_model)(cfg)
     sd = ckpt[weights]
     if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"checkpoint {path}: {weights!r} must be a non-empty state dict")
+        raise CheckpointError(f"checkpoint {path}: {weights!r} must be a non-empty state dict")
     _check_state_dict(model, sd, path, cfg)
     model.load_state_dict(sd, strict=True)
     model.requires_grad_(False).eval()
@@ -199,7 +206,10 @@ def extract_video_features(model: nn.Module, loader: Iterable, frames_per_clip: 
         if max_videos is not None and len(ids) >= max_videos:
             break
     if not ids:
-        raise ValueError("empty data: the loader yielded no videos")
+        from tgdp.cli import DataError
+
+        raise DataError("empty data: the loader yielded no videos (every sample missing or skipped as "
+                        "corrupt); check the shard folder and its skipped.json")
     dup = len(ids) - len(set(ids))
     if dup:
         # Duplicated ids are legal (the official metric keeps them) but usually a data mistake.
