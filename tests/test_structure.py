@@ -163,3 +163,14 @@ def test_eval_cli_tie_choices_match_the_metric():
     from tgdp.eval.retrieval import TIES as METRIC_TIES
 
     assert TIES == METRIC_TIES
+
+
+def test_every_progress_bar_has_a_label():
+    """Each tqdm bar in tgdp says what it counts (``desc=``): no more anonymous bars."""
+    unlabelled = []
+    for path in (REPO / "tgdp").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "tqdm":
+                if not any(k.arg == "desc" for k in node.keywords):
+                    unlabelled.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert unlabelled == []

@@ -3,5 +3,6 @@
 ``loop`` (build + ``train_step`` + ``Trainer``), ``schedule`` (warmup + cosine), ``checkpoint``
 (atomic files, full state), ``distributed`` (process group, DDP/FSDP2, sharded EMA), ``sources``
 (noise source, loader position, CUDA prefetch), ``logger`` (progress, JSONL/CSV, TensorBoard),
-``demo`` (the main job). Submodules import torch; this package file does not import them.
+``launch`` (one run: checks before data, data root, start-up ``header``, Trainer), ``demo`` (the main
+job). Submodules import torch; this package file does not import them.
 """
