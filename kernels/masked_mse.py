@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import INTERPRET, next_pow2
+from tgdp.kernels import interpreter_blocks, launch, next_pow2
 from tgdp.reference.masked_mse import check_inputs
 
 __all__ = ["masked_mse"]
@@ -102,7 +102,7 @@ def _masked_mse_bwd_kernel(
 
 def _blocks(n: int, p: int) -> tuple[int, int]:
     block_p = next_pow2(p)
-    budget = 16384 if INTERPRET else 4096      # elements per program (interpreter: fewer programs)
+    budget = 16384 if interpreter_blocks() else 4096    # elements per program (interpreter: fewer programs)
     return max(1, min(next_pow2(n), budget // block_p)), block_p
 
 
@@ -123,7 +123,7 @@ def _masked_mse_op(pred: Tensor, imgs: Tensor, mask: Tensor, patch_size: int, no
     p_dim, c, gw = _geometry(imgs, patch_size)
     per_patch = torch.empty(b, n, dtype=torch.float32, device=pred.device)
     block_np, block_p = _blocks(n, p_dim)
-    _masked_mse_fwd_kernel[(triton.cdiv(n, block_np), b)](
+    launch(_masked_mse_fwd_kernel, (triton.cdiv(n, block_np), b),
         pred, imgs, _mask_arg(mask), per_patch, *pred.stride(), *imgs.stride(), *mask.stride(),
         n, p_dim, c, gw, patch_size, NORM_PIX=norm_pix, BLOCK_NP=block_np, BLOCK_P=block_p)
     # [B, N] fp32 partials summed by torch: deterministic, unlike a global atomic_add.
@@ -148,7 +148,7 @@ def _masked_mse_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Tens
     msum = mask.sum(dtype=torch.float32)
     dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     block_np, block_p = _blocks(n, p_dim)
-    _masked_mse_bwd_kernel[(triton.cdiv(n, block_np), b)](
+    launch(_masked_mse_bwd_kernel, (triton.cdiv(n, block_np), b),
         grad, msum, pred, imgs, _mask_arg(mask), dpred, *pred.stride(), *imgs.stride(), *mask.stride(),
         *dpred.stride(), n, p_dim, c, gw, patch_size, NORM_PIX=norm_pix, BLOCK_NP=block_np,
         BLOCK_P=block_p)

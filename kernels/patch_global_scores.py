@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import INTERPRET, next_pow2
+from tgdp.kernels import INTERPRET, interpreter_blocks, launch, next_pow2
 from tgdp.reference.patch_global_scores import check_inputs
 
 __all__ = ["patch_global_scores"]
@@ -122,6 +122,15 @@ def _cls_to_patch_kernel(
     tl.store(OUT_ptr + b * stride_ob + col * stride_ol, acc / H, mask=n_valid & (offs_n != G))
 
 
+def _patch_to_cls_blocks(l: int, dtype: torch.dtype, has_lse: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the patch -> CLS kernel. Interpreter: one program per batch
+    row (each program is a Python call). GPU: 64 x 64 tiles on 4 warps."""
+    if interpreter_blocks():
+        block = max(16, min(next_pow2(l), 256))
+        return block, block, 4
+    return 64, 64, 4
+
+
 def _launch(q: Tensor, k: Tensor, lse: Tensor | None, scale: float, global_index: int,
             direction: str) -> Tensor:
     """q, k: [B, H, L, d] (any strides); lse: [B, H, L] | None -> [B, L-1] fp32."""
@@ -136,17 +145,14 @@ def _launch(q: Tensor, k: Tensor, lse: Tensor | None, scale: float, global_index
     common = (q, k, lse_arg, out, *q.stride(), *k.stride(), *lse_strides, *out.stride(),
               h, l, d, g, float(scale))
     if direction == "patch_to_cls":
-        # Interpreter: one program per batch row (each program is a Python call).
-        block_m = max(16, min(next_pow2(l), 256)) if INTERPRET else 64
-        block_n = 64 if not INTERPRET else max(16, min(next_pow2(l), 256))
-        upcast = INTERPRET or q.dtype == torch.float32
-        _patch_to_cls_kernel[(triton.cdiv(l, block_m), b)](
-            *common, HAS_LSE=has_lse, UPCAST_DOT=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d)
+        block_m, block_n, warps = _patch_to_cls_blocks(l, q.dtype, has_lse)
+        launch(_patch_to_cls_kernel, (triton.cdiv(l, block_m), b), *common, HAS_LSE=has_lse,
+               UPCAST_DOT=INTERPRET or q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+               BLOCK_D=block_d, num_warps=warps)
     else:
-        block_n = max(16, min(next_pow2(l), 256)) if INTERPRET else 64
-        _cls_to_patch_kernel[(triton.cdiv(l, block_n), b)](
-            *common, HAS_LSE=has_lse, BLOCK_N=block_n, BLOCK_D=block_d)
+        block_n = max(16, min(next_pow2(l), 256)) if interpreter_blocks() else 64
+        launch(_cls_to_patch_kernel, (triton.cdiv(l, block_n), b), *common, HAS_LSE=has_lse,
+               BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import INTERPRET, next_pow2
+from tgdp.kernels import interpreter_blocks, launch, next_pow2
 from tgdp.reference.topk_visible import check_inputs
 
 __all__ = ["topk_visible"]
@@ -109,7 +109,7 @@ def _check_ids(x: Tensor, ids_keep: Tensor | None, ids_restore: Tensor, name: st
 
 
 def _row_blocks(rows: int, d: int) -> tuple[int, int]:
-    if INTERPRET:   # few, large programs: each program is a Python call in the interpreter
+    if interpreter_blocks():   # few, large programs: each one is a Python call in the interpreter
         return min(next_pow2(rows), 256), min(next_pow2(d), 1024)
     return 16, min(next_pow2(d), 256)
 
@@ -122,9 +122,8 @@ def topk_indices(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     ids_keep = torch.empty(b, k, dtype=torch.int64, device=scores.device)
     ids_restore = torch.empty(b, n, dtype=torch.int64, device=scores.device)
     mask = torch.empty(b, n, dtype=torch.float32, device=scores.device)
-    block_i = min(next_pow2(n), 256) if INTERPRET else 64
-    block_j = min(next_pow2(n), 256) if INTERPRET else 64
-    _rank_kernel[(triton.cdiv(n, block_i), b)](
+    block_i = block_j = min(next_pow2(n), 256) if interpreter_blocks() else 64
+    launch(_rank_kernel, (triton.cdiv(n, block_i), b),
         scores, ids_keep, ids_restore, mask, *scores.stride(), ids_keep.stride(0),
         ids_restore.stride(0), mask.stride(0), n, k, BLOCK_I=block_i, BLOCK_J=block_j)
     return ids_keep, ids_restore, mask
@@ -145,7 +144,7 @@ def gather_rows(tokens: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor
     k = ids_keep.shape[1]
     out = torch.empty(b, k, d, dtype=tokens.dtype, device=tokens.device)
     block_r, block_d = _row_blocks(k, d)
-    _gather_rows_kernel[(triton.cdiv(k, block_r), b, triton.cdiv(d, block_d))](
+    launch(_gather_rows_kernel, (triton.cdiv(k, block_r), b, triton.cdiv(d, block_d)),
         tokens, ids_keep, out, *tokens.stride(), *ids_keep.stride(), *out.stride(), k, d,
         BLOCK_R=block_r, BLOCK_D=block_d)
     return out
@@ -164,7 +163,7 @@ def scatter_rows(grad_visible: Tensor, ids_restore: Tensor) -> Tensor:
     n = ids_restore.shape[1]
     out = torch.empty(b, n, d, dtype=grad_visible.dtype, device=grad_visible.device)
     block_r, block_d = _row_blocks(n, d)
-    _scatter_rows_kernel[(triton.cdiv(n, block_r), b, triton.cdiv(d, block_d))](
+    launch(_scatter_rows_kernel, (triton.cdiv(n, block_r), b, triton.cdiv(d, block_d)),
         grad_visible, ids_restore, out, *grad_visible.stride(), *ids_restore.stride(), *out.stride(),
         n, k, d, BLOCK_R=block_r, BLOCK_D=block_d)
     return out

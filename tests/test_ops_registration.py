@@ -38,7 +38,7 @@ def test_import_and_reference_path_without_triton():
             assert "triton is not importable" in str(e)
         else:
             raise AssertionError("forcing without triton must raise")
-        assert "kernels" not in sys.modules
+        assert "tgdp.kernels" not in sys.modules and "kernels" not in sys.modules
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -80,10 +80,10 @@ def test_dispatch_rule(monkeypatch):
 # ---- registered ops -------------------------------------------------------------------------
 
 def _opcheck_cases():
-    kernels = pytest.importorskip("kernels")
-    import kernels.masked_mse as mse_mod
-    import kernels.patch_global_scores as pgs_mod
-    import kernels.topk_visible as topk_mod
+    kernels = pytest.importorskip("tgdp.kernels")
+    import tgdp.kernels.masked_mse as mse_mod
+    import tgdp.kernels.patch_global_scores as pgs_mod
+    import tgdp.kernels.topk_visible as topk_mod
 
     q, k = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, -1)
@@ -142,14 +142,14 @@ def _compile_step(backend):
 
 
 def test_compile_fullgraph_traces_each_op():
-    pytest.importorskip("kernels")
+    pytest.importorskip("tgdp.kernels")
     # aot_eager: dynamo + AOTAutograd through the fake impls and register_autograd, no codegen.
     _compile_step("aot_eager")
 
 
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
-    pytest.importorskip("kernels")
+    pytest.importorskip("tgdp.kernels")
     _compile_step("inductor")
 
 

@@ -3,9 +3,10 @@
 Model code calls only this module, and other MAE projects can import it without the model. Each op
 validates its inputs (shape, dtype, device, k: metadata only, no host sync) and then dispatches:
 
-- the Triton kernels in ``kernels/`` when every tensor is on CUDA and Triton is importable, or when
-  forced (``TGDP_FORCE_TRITON=1`` in the environment, or ``with tgdp.ops.force_triton():``), which
-  is how tests run the kernels on CPU under ``TRITON_INTERPRET=1``;
+- the Triton kernels in ``tgdp.kernels`` (the repository's ``kernels/``) when every tensor is on
+  CUDA and Triton is importable, or when forced (``TGDP_FORCE_TRITON=1`` in the environment, or
+  ``with tgdp.ops.force_triton():``), which is how tests run the kernels on CPU under
+  ``TRITON_INTERPRET=1``;
 - otherwise the plain-torch reference in ``tgdp/reference/``.
 
 ``import tgdp.ops`` never imports triton: the kernels are imported on the first Triton dispatch.
@@ -67,11 +68,11 @@ def use_triton(*tensors: Tensor | None) -> bool:
 
 def _kernels():
     # Lazy: the only import of triton, on the first Triton dispatch.
-    import kernels.masked_mse
-    import kernels.patch_global_scores
-    import kernels.topk_visible
+    import tgdp.kernels.masked_mse
+    import tgdp.kernels.patch_global_scores
+    import tgdp.kernels.topk_visible
 
-    return kernels
+    return tgdp.kernels
 
 
 def patch_global_scores(q: Tensor, k: Tensor, lse: Tensor | None = None, *, scale: float,
