@@ -123,11 +123,18 @@ def _cls_to_patch_kernel(
 
 
 def _patch_to_cls_blocks(l: int, dtype: torch.dtype, has_lse: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the patch -> CLS kernel. Interpreter: one program per batch
-    row (each program is a Python call). GPU: 64 x 64 tiles on 4 warps."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the patch -> CLS kernel.
+
+    Interpreter: one program per batch row (each program is a Python call). GPU: 64 x 64 tiles on 4
+    warps, except fp32 without lse, whose ieee-fp32 ``tl.dot`` runs on FMA units and keeps both
+    operands in registers: at 64 x 64 it spills on sm_90 (255 registers + 648 bytes of stack), at
+    32 x 32 over 8 warps it needs 67 registers and no stack (``python -m tgdp.kernels.aot``).
+    """
     if interpreter_blocks():
         block = max(16, min(next_pow2(l), 256))
         return block, block, 4
+    if dtype == torch.float32 and not has_lse:
+        return 32, 32, 8
     return 64, 64, 4
 
 
