@@ -49,6 +49,10 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)], cwd=build_tmp, check=True)
 
 
+# Everything beyond the ops: media decoding (prepare, loaders, demo set), training logs and progress,
+# evaluation plots. `pip install tgdp` alone is the ops install: torch + numpy.
+TRAIN = ["pillow>=10", "av>=12", "soundfile>=0.12", "matplotlib>=3.7", "tqdm>=4.60", "tensorboard>=2.14"]
+
 setup(
     name="tgdp",
     version="0.1.0",
@@ -56,27 +60,27 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tgdp", "tgdp.*", "kernels", "kernels.*"]),
+    # The repository's kernels/ folder is the subpackage tgdp.kernels (never a top-level `kernels`).
+    # A source checkout reaches it through the symlink tgdp/kernels; installs map it here.
+    packages=[*find_packages(include=["tgdp", "tgdp.*"], exclude=["tgdp.kernels", "tgdp.kernels.*"]),
+              "tgdp.kernels"],
+    package_dir={"tgdp.kernels": "kernels"},
     ext_modules=[CMakeExtension("tgdp._packer", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     # torch is pinned by the caller first (README): a bare requirement could pull a CUDA build.
-    install_requires=[
-        "torch>=2.4",
-        "numpy>=1.24",
-        "pillow>=10",
-        "av>=12",
-        "soundfile>=0.12",
-        "matplotlib>=3.7",
-        "tqdm>=4.60",
-        "tensorboard>=2.14",
-    ],
+    install_requires=["torch>=2.4", "numpy>=1.24"],
     extras_require={
+        "train": TRAIN,
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0",
+        "test": [*TRAIN, "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0",
                  "nvidia-dali-cuda120>=1.40"],
-        # GPU-only: FlashAttention (CUDA build) and the DALI CUDA runtime.
-        "gpu": ["flash-attn>=2.5", "nvidia-dali-cuda120>=1.40"],
+        # GPU-only: FlashAttention (CUDA build) and the DALI CUDA runtime. flash-attn >= 2.7.0: 2.5.x
+        # pads the varlen softmax_lse to [B, H, max_seqlen] (the unpadded [H, total_q] layout came with
+        # Dao-AILab/flash-attention#970, in 2.6), and before 2.7 its CUDA calls are not registered as
+        # torch custom ops (#1139), so torch.compile breaks the graph at every attention call
+        # ("unsupported builtin flash_attn_2_cuda.PyCapsule.fwd": 2.6.3 has it, 2.7.0 does not, #1341).
+        "gpu": ["flash-attn>=2.7.0", "nvidia-dali-cuda120>=1.40"],
     },
     entry_points={"console_scripts": ["tgdp-train=tgdp.train:main"]},
 )

@@ -41,3 +41,39 @@ def test_import_and_train_step_without_optional_packages():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("OK")
+
+
+MINIMAL = textwrap.dedent(
+    """
+    import sys
+    # The ops install (`pip install tgdp`): torch + numpy only. Block the train extra, Triton and
+    # the rest; an import of any of them now raises ImportError.
+    blocked = ("PIL", "av", "soundfile", "matplotlib", "tqdm", "tensorboard", "torch.utils.tensorboard",
+               "triton", "nvidia", "nvidia.dali", "flash_attn", "flash_attn_interface", "tgdp._packer")
+    for name in blocked:
+        sys.modules[name] = None
+    import torch
+    import tgdp, tgdp.ops
+    from tgdp import ops
+
+    scores = torch.randn(2, 10)
+    tokens = torch.randn(2, 10, 4, requires_grad=True)
+    ids_keep, ids_restore, mask, visible = ops.topk_visible(scores, 3, tokens)
+    visible.sum().backward()
+    q = torch.randn(1, 2, 5, 4)
+    assert ops.patch_global_scores(q, q, scale=0.5).shape == (1, 4)
+    pred = torch.randn(2, 4, 4, requires_grad=True)
+    ops.masked_mse(pred, torch.randn(2, 1, 4, 4), mask[:, :4], 2, True).backward()
+    assert tokens.grad is not None and pred.grad is not None
+    assert tgdp.paper().model.embed_dim == 768
+    leaked = sorted(m for m in blocked if sys.modules.get(m) is not None)
+    assert not leaked, leaked
+    print("OK")
+    """
+)
+
+
+def test_ops_with_only_torch_and_numpy():
+    r = subprocess.run([sys.executable, "-c", MINIMAL], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("OK")
