@@ -47,6 +47,39 @@ def test_import_and_reference_path_without_triton():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_forcing_without_gpu_or_interpreter_says_to_set_triton_interpret():
+    """Not Triton's "0 active drivers" from deep inside the first launch: one line, at once."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import os, torch
+        import tgdp.ops as ops
+        assert not torch.cuda.is_available()
+        s = torch.randn(2, 10)
+        messages = []
+        try:
+            with ops.force_triton():
+                raise AssertionError("entered")
+        except RuntimeError as e:
+            messages.append(str(e))
+        os.environ["TGDP_FORCE_TRITON"] = "1"
+        try:
+            ops.topk_visible(s, 3)
+        except RuntimeError as e:
+            messages.append(str(e))
+        print(repr(messages))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("TRITON_INTERPRET", "TGDP_FORCE_TRITON"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    messages = eval(out.stdout)
+    assert len(messages) == 2, messages
+    for how, msg in zip(("force_triton()", "TGDP_FORCE_TRITON=1"), messages):
+        assert "\n" not in msg and "set TRITON_INTERPRET=1" in msg and how in msg, msg
+        assert "active drivers" not in msg
+
+
 def test_dispatch_rule(monkeypatch):
     calls = []
 

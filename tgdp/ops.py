@@ -42,14 +42,31 @@ def triton_available() -> bool:
 
 @contextlib.contextmanager
 def force_triton(enabled: bool = True) -> Iterator[None]:
-    """Route every op to the Triton kernels inside the block (CPU tensors need TRITON_INTERPRET=1)."""
+    """Route every op to the Triton kernels inside the block (CPU tensors need TRITON_INTERPRET=1).
+
+    Raises RuntimeError at once (one line saying what to install or set) when the kernels cannot
+    run here: triton missing, or neither a CUDA GPU nor the Triton interpreter.
+    """
     global _force_depth
+    if enabled:
+        _check_can_force("force_triton()")
     delta = 1 if enabled else 0
     _force_depth += delta
     try:
         yield
     finally:
         _force_depth -= delta
+
+
+def _check_can_force(how: str) -> None:
+    if not _TRITON_FOUND:
+        raise RuntimeError(f"tgdp.ops: the Triton path is forced ({how}) but triton is not importable; "
+                           "pip install 'tgdp[triton]'")
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+        # Without this, the first launch fails deep in Triton with "0 active drivers".
+        raise RuntimeError(f"tgdp.ops: the Triton path is forced ({how}) but there is no CUDA GPU; "
+                           "to run the kernels on the CPU set TRITON_INTERPRET=1 in the environment "
+                           "before starting Python")
 
 
 def _forced() -> bool:
@@ -59,9 +76,8 @@ def _forced() -> bool:
 def use_triton(*tensors: Tensor | None) -> bool:
     """The one dispatch rule: forced, or all given tensors on CUDA with triton importable."""
     if _forced():
-        if not _TRITON_FOUND:
-            raise RuntimeError("tgdp.ops: the Triton path is forced (TGDP_FORCE_TRITON=1 or force_triton()) "
-                               "but triton is not importable; pip install 'tgdp[triton]'")
+        if _force_depth == 0:                   # forced by the environment only
+            _check_can_force("TGDP_FORCE_TRITON=1")
         return True
     return _TRITON_FOUND and all(t.is_cuda for t in tensors if t is not None)
 
