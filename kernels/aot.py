@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import re
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 import tgdp.kernels as K
+from tgdp.atomic import atomic_write_json
+from tgdp.cli import UserError, run
 from tgdp.kernels.aot_variants import Variant, paper_variants
 
 __all__ = ["H100", "Compiled", "Session", "TargetDriver", "compile_variants", "compiling_for",
@@ -182,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="compile only variants I, I+N, I+2N, ... (run N processes side by side)")
     args = ap.parse_args(argv)
-    i, n = (int(x) for x in args.shard.split("/"))
+    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if shard is None or not int(shard[1]) < int(shard[2]):
+        raise UserError(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/2")
+    i, n = int(shard[1]), int(shard[2])
+    if K.INTERPRET:
+        raise UserError("TRITON_INTERPRET=1 is set, so Triton would interpret instead of compiling; "
+                        "run without it (env -u TRITON_INTERPRET python -m tgdp.kernels.aot)")
 
     def show(c: Compiled) -> None:
         spill = "SPILL" if c.spills else "ok"
@@ -193,13 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     spilled = [c for c in results if c.spills]
     print(f"{len(results)} launches, {len({c.cubin_hash for c in results})} distinct cubins of "
           f"{len({c.kernel for c in results})} kernels compiled for sm_{H100.arch}: {len(spilled)} spill; "
-          f"at most {max(c.registers for c in results)} registers and {max(c.shared for c in results)} "
-          f"bytes of shared memory")
+          f"at most {max((c.registers for c in results), default=0)} registers and "
+          f"{max((c.shared for c in results), default=0)} bytes of shared memory")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(c) for c in results], f, indent=1)
+        atomic_write_json(args.json, [dataclasses.asdict(c) for c in results], indent=1)
     return 1 if spilled else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("tgdp.kernels.aot", main))
