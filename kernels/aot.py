@@ -17,7 +17,6 @@ pointing at an empty folder); a cached cubin is still checked through cuobjdump.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -35,7 +34,7 @@ from triton.runtime import driver
 
 import tgdp.kernels as K
 from tgdp.atomic import atomic_write_json
-from tgdp.cli import UserError, run
+from tgdp.cli import UserError, parser, run
 from tgdp.kernels.aot_variants import Variant, paper_variants
 
 __all__ = ["H100", "Compiled", "Session", "TargetDriver", "compile_variants", "compiling_for",
@@ -177,7 +176,7 @@ def compile_variants(variants: list[Variant], target: GPUTarget = H100,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tgdp.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap = parser("tgdp.kernels.aot", __doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256, help="batch of the paper() shapes (default: 256)")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
     ap.add_argument("--shard", default="0/1", metavar="I/N",
