@@ -116,6 +116,10 @@ class MaskingConfig:
     renormalize_scores: bool = True  # divide by the sum over patches (paper: "normalized across spatial tokens")
     # Reproduce the official bug: the teacher ranks positions of a randomly *shuffled* sequence.
     official_compat: bool = False
+    # False = the CAV-MAE Sync single pass (the TG-DP paper's baseline): one student pass on the
+    # reconstruction view, the contrastive loss on that view's CLS (not detached; con_ratio, guide and
+    # loss.rec_grad_to_cls unused), the teacher only if loss.w_dis > 0.
+    dual_path: bool = True
 
     def validate(self, prefix: str = "masking") -> None:
         for name in ("rec_ratio", "con_ratio"):

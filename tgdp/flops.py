@@ -5,7 +5,8 @@ addmm, conv, SDPA; elementwise work is not counted), by default on the meta devi
 compute: ``paper()`` counts in seconds). A training step per sample is
 
 - the teacher forward (no grad; it runs once per step when distillation or guided masking is on),
-- the student forward on both views + losses + backward.
+- the student forward on both views + losses + backward (one view with ``masking.dual_path false``,
+  the CAV-MAE Sync single pass).
 
 Three rows: the reference model with the official schedule (its wasted work: the teacher's unused
 unified joint pass and the discarded a/v joint passes of the reconstruction view), the reference
@@ -82,6 +83,7 @@ def count_step_flops(cfg: Config, impl: str = "fast", schedule: str = "fast", ba
     mc = cfg.masking
     rec = (_masks(batch, m.num_patches_a, mc.rec_ratio, device), _masks(batch, m.num_patches_v, mc.rec_ratio, device))
     con = (_masks(batch, m.num_patches_a, mc.con_ratio, device), _masks(batch, m.num_patches_v, mc.con_ratio, device))
+    con = con if mc.dual_path else None   # the single pass (CAV-MAE Sync) has no contrastive view
 
     with _counter() as fc, torch.no_grad():
         method.teacher.module.teacher_forward(audio, frames, direction=mc.score_direction,
@@ -93,8 +95,7 @@ def count_step_flops(cfg: Config, impl: str = "fast", schedule: str = "fast", ba
         out = method(audio, frames, masks_rec=rec, masks_con=con, schedule=schedule)
         out.loss.backward()
     student = fc.get_total_flops() - (teacher if teacher_in_step else 0)
-    runs_teacher = teacher_in_step or mc.guide != "random"
-    teacher = teacher if runs_teacher else 0
+    teacher = teacher if method.runs_teacher else 0
     return {"teacher": teacher / batch, "student": student / batch, "total": (teacher + student) / batch}
 
 

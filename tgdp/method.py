@@ -9,6 +9,10 @@ One step (:meth:`TGDP.forward`):
 3. ``student_forward`` on both views;
 4. ``loss = w_rec * (L_rec_a + L_rec_v) + w_dis * L_dis + w_con * L_con``.
 
+``masking.dual_path = false`` is the CAV-MAE Sync single pass instead (the paper's baseline): only
+the reconstruction masks are drawn, ``student_forward_single`` takes the contrastive globals from
+the reconstruction view, and the teacher runs only for distillation (``loss.w_dis > 0``).
+
 The teacher is updated by the caller after the optimizer step: :meth:`TGDP.update_teacher`.
 The optimizer must see only ``tgdp.student.parameters()`` (the teacher's are frozen anyway).
 """
@@ -44,7 +48,7 @@ class TGDPOutput:
     loss_con: Tensor      # InfoNCE (unweighted)
     acc: Tensor           # contrastive retrieval accuracy within the (gathered) batch
     masks_rec: tuple[Masks, Masks]
-    masks_con: tuple[Masks, Masks]
+    masks_con: tuple[Masks, Masks]   # the rec masks again in the single pass (masking.dual_path false)
 
 
 class TGDP(nn.Module):
@@ -60,6 +64,13 @@ class TGDP(nn.Module):
         # The finite-value input check syncs with the device; the GPU hot loop turns it off.
         self.check_finite = check_finite
 
+    @property
+    def runs_teacher(self) -> bool:
+        """Whether a step with drawn masks runs the teacher: for distillation, or to guide the
+        contrastive masks of the dual path."""
+        c = self.cfg
+        return c.loss.w_dis > 0 or (c.masking.dual_path and c.masking.guide != "random")
+
     # ------------------------------------------------------------------ masks
 
     def make_masks(self, batch: int, device: torch.device, generator: torch.Generator,
@@ -68,6 +79,8 @@ class TGDP(nn.Module):
         mc, m = self.cfg.masking, self.cfg.model
         rec = (random_masks(batch, m.num_patches_a, mc.rec_ratio, generator, device),
                random_masks(batch, m.num_patches_v, mc.rec_ratio, generator, device))
+        if not mc.dual_path:
+            return rec, rec   # single pass: the contrastive view is the reconstruction view
         if mc.guide == "random":
             con = (random_masks(batch, m.num_patches_a, mc.con_ratio, generator, device),
                    random_masks(batch, m.num_patches_v, mc.con_ratio, generator, device))
@@ -89,17 +102,21 @@ class TGDP(nn.Module):
         cfg = self.cfg
         check_inputs(audio, frames, cfg.model, check_finite=self.check_finite)
         b, dev = audio.shape[0], audio.device
+        dual = cfg.masking.dual_path
+        if not dual and masks_con is not None:
+            raise ValueError("masks_con given with masking.dual_path=false: the single pass has no "
+                             "contrastive view (it uses masks_rec)")
         for name, pair in (("masks_rec", masks_rec), ("masks_con", masks_con)):
             if pair is not None:
                 check_masks(pair[0], b, cfg.model.num_patches_a, f"{name}[0]")
                 check_masks(pair[1], b, cfg.model.num_patches_v, f"{name}[1]")
-        need_masks = masks_rec is None or masks_con is None
+        need_masks = masks_rec is None or (dual and masks_con is None)
         if need_masks:
             if generator is None:
                 raise ValueError("generator=None: a torch.Generator is needed to draw the masks")
             if generator.device.type != dev.type:
                 raise ValueError(f"generator device={generator.device} != inputs device={dev}")
-        need_teacher = cfg.loss.w_dis > 0 or (masks_con is None and cfg.masking.guide != "random")
+        need_teacher = cfg.loss.w_dis > 0 or (masks_con is None and self.runs_teacher)
 
         teacher = None
         if need_teacher:
@@ -112,8 +129,12 @@ class TGDP(nn.Module):
             masks_rec = masks_rec if masks_rec is not None else rec
             masks_con = masks_con if masks_con is not None else con
 
-        out = self.student.student_forward(audio, frames, rec=masks_rec, con=masks_con,
-                                           rec_grad_to_cls=cfg.loss.rec_grad_to_cls, schedule=schedule)
+        if dual:
+            out = self.student.student_forward(audio, frames, rec=masks_rec, con=masks_con,
+                                               rec_grad_to_cls=cfg.loss.rec_grad_to_cls, schedule=schedule)
+        else:
+            masks_con = masks_rec
+            out = self.student.student_forward_single(audio, frames, rec=masks_rec, schedule=schedule)
         p, norm_pix = cfg.model.patch_size, cfg.loss.norm_pix_loss
         loss_rec_a = ops.masked_mse(out.pred_a, audio_as_image(audio), masks_rec[0].mask, p, norm_pix=norm_pix)
         loss_rec_v = ops.masked_mse(out.pred_v, frames, masks_rec[1].mask, p, norm_pix=norm_pix)

@@ -191,6 +191,22 @@ class FastCAVMAESync(CAVMAESync):
         pred_a, pred_v = self.decode(self.norm(u), rec)
         return StudentOutput(pred_a, pred_v, self.norm_a(ja[:, 0]), self.norm_v(jv[:, 0]))
 
+    def student_forward_single(self, audio: Tensor, frames: Tensor, rec: tuple[Masks, Masks], *,
+                               schedule: str = "fast") -> StudentOutput:
+        """CAV-MAE Sync's single pass (reference: :meth:`CAVMAESync.student_forward_single`): one
+        packed encoder forward of the ``rec`` view (CLS not detached), one packed joint forward for
+        its three passes (unified -> decoder, audio-LN and video-LN -> cls_a, cls_v)."""
+        self._check_fast(audio, frames, schedule)
+        b = audio.shape[0]
+        check_masks(rec[0], b, self.cfg.num_patches_a, "rec[0]")
+        check_masks(rec[1], b, self.cfg.num_patches_v, "rec[1]")
+        be = self.attention_backend(audio.device)
+        a, v = self.embed(audio, frames)
+        ([ra], [rv]) = self._encode_views(a, v, [(rec[0].ids_keep, False)], [(rec[1].ids_keep, False)], be)
+        (u, ja, jv), _, _ = self._joint([torch.cat([ra[:, 1:], rv[:, 1:]], 1), ra, rv], (None, "a", "v"), be)
+        pred_a, pred_v = self.decode(self.norm(u), rec)
+        return StudentOutput(pred_a, pred_v, self.norm_a(ja[:, 0]), self.norm_v(jv[:, 0]))
+
     def teacher_forward(self, audio: Tensor, frames: Tensor, *, direction: str = "patch_to_cls",
                         renormalize: bool = True, schedule: str = "fast") -> TeacherOutput:
         """Full unshuffled view; no unified joint pass. scores_a [B, Na], scores_v [B, Nv] fp32 from

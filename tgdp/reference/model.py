@@ -203,6 +203,25 @@ class CAVMAESync(nn.Module):
             self.joint_unified(ca, cv)
         return StudentOutput(pred_a, pred_v, self.joint_modal(ca, "a"), self.joint_modal(cv, "v"))
 
+    def student_forward_single(self, audio: Tensor, frames: Tensor, rec: tuple[Masks, Masks], *,
+                               schedule: str = "fast") -> StudentOutput:
+        """CAV-MAE Sync's single pass: ONE encoder pass on the ``rec`` view feeds both the decoder
+        (unified joint pass) and the contrastive globals (a/v joint passes on the same visible tokens).
+
+        The CLS tokens are not detached (they are the contrastive globals), so the reconstruction
+        loss reaches them through attention, as in the official Sync code. Returns the same
+        :class:`StudentOutput` as :meth:`student_forward`, with cls_a, cls_v from the ``rec`` view.
+        The official schedule has no wasted pass here; ``schedule`` is only checked.
+        """
+        self._check(audio, frames, schedule)
+        b = audio.shape[0]
+        check_masks(rec[0], b, self.cfg.num_patches_a, "rec[0]")
+        check_masks(rec[1], b, self.cfg.num_patches_v, "rec[1]")
+        a, v = self.embed(audio, frames)
+        ra, rv = self.encode_specific(a, v, rec)
+        pred_a, pred_v = self.decode(self.joint_unified(ra, rv), rec)
+        return StudentOutput(pred_a, pred_v, self.joint_modal(ra, "a"), self.joint_modal(rv, "v"))
+
     def teacher_forward(self, audio: Tensor, frames: Tensor, *, direction: str = "patch_to_cls",
                         renormalize: bool = True, schedule: str = "fast") -> TeacherOutput:
         """Full, unshuffled view. scores = head mean of the last joint layer's post-softmax map in

@@ -123,7 +123,7 @@ def _fsdp_shard(module: nn.Module, cfg: Config, forward_methods: tuple[str, ...]
             register_fsdp_forward_method(module, name)
 
 
-FORWARD_METHODS = ("student_forward", "teacher_forward", "extract_features")
+FORWARD_METHODS = ("student_forward", "student_forward_single", "teacher_forward", "extract_features")
 
 
 def wrap_student(method: nn.Module, student: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
