@@ -148,3 +148,57 @@ def test_demo_refuses_foreign_folder_and_bad_sizes(tmp_path):
         syn.ensure_demo(tmp_path, n_train=1, n_val=1, workers=0, progress=False)
     with pytest.raises(ValueError, match="n_val"):
         syn.ensure_demo(tmp_path / "x", n_train=1, n_val=0)
+
+
+# Recorded from the generator as it made the main job's demo set (commit f44871b): the README's
+# figures were measured on exactly these clips, so the default corpus must not change.
+_DEFAULT_RENDER_SHA256 = {
+    (0, 0): "1a4d41e8be5d71dd4aa630e63e9d3a1297af8d43c7556d28f1ebaf64f7b34ef5",
+    (7, 397): "773b084aa80396601263b4ffcee22e893661c7df6709ecb90adb3dd4bf3de563",
+    (3, 1_000_063): "4e6c50afd086ced91a4c6926849f61d3ea3afc6b22044fe4bc6270e83988d075",
+}
+
+
+def test_default_demo_corpus_is_unchanged():
+    plan = syn.demo_plan()
+    # the plan the demo set was generated from: class i mod 10, seed 0 * 10_000_019 + offset + i
+    assert plan == {"train": [(f"train_{i:05d}", i % 10, i) for i in range(400)],
+                    "val": [(f"val_{i:05d}", i % 10, 1_000_000 + i) for i in range(64)]}
+    assert plan == syn.demo_plan(400, 64, 0, len(syn.CLASSES))
+    for (cls, seed), digest in _DEFAULT_RENDER_SHA256.items():
+        assert (cls, seed) in {c[1:] for split in plan.values() for c in split}
+        frames, audio = syn.render_clip(cls, seed)
+        assert hashlib.sha256(frames.tobytes() + audio.tobytes()).hexdigest() == digest, (cls, seed)
+
+
+def test_seed_and_class_count_draw_another_corpus():
+    base = syn.demo_plan(20, 30)
+    other = syn.demo_plan(20, 30, seed=3, n_classes=4)
+    assert [c[1] for c in other["train"]] == [i % 4 for i in range(20)]
+    assert [c[1] for c in other["val"]] == [i % 4 for i in range(30)]
+    seeds = lambda p: {c[2] for split in p.values() for c in split}   # noqa: E731
+    assert not seeds(base) & seeds(other)                               # no clip shared
+    # a larger held-out split only appends clips: the demo's 64 val clips open the 1,000-clip one
+    assert syn.demo_plan(400, 1000)["val"][:64] == syn.demo_plan()["val"]
+    for bad, match in (({"n_classes": 0}, "n_classes"), ({"n_classes": 11}, "n_classes"),
+                       ({"seed": -1}, "seed"), ({"n_classes": 2.0}, "n_classes")):
+        with pytest.raises(ValueError, match=match):
+            syn.demo_plan(**bad)
+
+
+def test_demo_with_seed_and_class_count(tmp_path):
+    out = syn.ensure_demo(tmp_path / "d", n_train=3, n_val=2, seed=2, n_classes=2, workers=0, progress=False)
+    stamp = json.loads((out / "stamp.json").read_text())
+    assert stamp["seed"] == 2 and stamp["classes"] == [syn.CLASSES[0][0], syn.CLASSES[1][0]]
+    m = read_manifest(out / "train")
+    labels = {s["meta"]["id"]: s["meta"]["labels"] for e in m["shards"] for s in iter_shard(out / "train" / e["path"])}
+    assert labels == {f"train_{i:05d}": [syn.CLASSES[i % 2][0]] for i in range(3)}
+
+
+def test_cli_takes_seed_and_class_count():
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        syn.main(["--help"])
+    assert "--classes" in buf.getvalue() and "--seed" in buf.getvalue()

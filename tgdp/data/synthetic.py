@@ -1,6 +1,6 @@
 """The embedded demo set: a small audio-visual correspondence corpus made locally in seconds.
 
-    python -m tgdp.data.synthetic [--out DIR] [--n 400] [--n-val 64] [--seed 0] [--workers N]
+    python -m tgdp.data.synthetic [--out DIR] [--n 400] [--n-val 64] [--seed 0] [--classes 10] [--workers N]
 
 Each of the :data:`CLASSES` is an object with its own colour and shape that sounds with its own
 pitch, timbre and rhythm. Within a clip everything that makes it unique is shared by both
@@ -17,6 +17,13 @@ Clips are 10 s MJPEG (+ 16 kHz PCM) .mkv videos at 128×128 and 8 fps, which DAL
 also reads. They go through :func:`tgdp.prepare.prepare` into ``<out>/train`` and ``<out>/val``
 (labels = class names; ``val`` is the held-out retrieval split), then the videos are deleted.
 ``<out>/stamp.json`` records the settings: a second call with the same settings does nothing.
+
+``seed`` draws the corpus (every clip's path, rhythm phase, background, distractors) and
+``n_classes`` (1 … 10) keeps the first classes of :data:`CLASSES`, clip ``i`` of a split being of
+class ``i mod n_classes``; see :func:`demo_plan`. The defaults (seed 0, 10 classes, 400 + 64 clips)
+are the main job's demo set, and stay byte-identical: its published figures depend on them. The
+ablation study (``python -m tgdp.ablate``) uses the same training clips with a held-out split of
+1,000 clips (``--n-val 1000``; the first 64 are the demo's ``val`` clips).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from tgdp.configs import DataConfig
 from tgdp.atomic import atomic_write_json
 from tgdp.data.shards import read_manifest
 
-__all__ = ["CLASSES", "GEN_VERSION", "brightness", "render_clip", "write_video", "ensure_demo", "main"]
+__all__ = ["CLASSES", "GEN_VERSION", "brightness", "render_clip", "write_video", "demo_plan", "ensure_demo",
+           "main"]
 
 GEN_VERSION = 1
 # (name, RGB colour, shape, fundamental Hz, timbre, rhythm period s or 0 = steady)
@@ -196,17 +204,41 @@ def _make_one(args) -> None:
     write_video(path, frames, audio)
 
 
-def ensure_demo(out: str | os.PathLike | None = None, *, n_train: int = 400, n_val: int = 64,
-                seed: int = 0, workers: int | None = None, progress: bool = True,
-                keep_videos: bool = False) -> Path:
-    """Build the demo set under ``out`` (default ``DataConfig.demo_dir``) unless it is already there
-    with the same settings; returns ``out``. Shards: ``out/train``, ``out/val``."""
+_VAL_OFFSET = 1_000_000   # render seeds of the val split start here (disjoint from train's)
+
+
+def demo_plan(n_train: int = 400, n_val: int = 64, seed: int = 0,
+              n_classes: int = len(CLASSES)) -> dict[str, list[tuple[str, int, int]]]:
+    """``{"train": [...], "val": [...]}``: per clip ``(id, class index, render seed)``.
+
+    Clip ``i`` of a split has id ``<split>_<i:05d>``, class ``i mod n_classes`` (balanced) and render
+    seed ``seed * 10_000_019 + offset + i`` (offset 0 for train, 1,000,000 for val), so corpora of
+    different ``seed`` share no clip, and a larger ``n_val`` only appends clips."""
+    for name, v in (("n_train", n_train), ("n_val", n_val), ("seed", seed), ("n_classes", n_classes)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an int, got {v!r}")
     for name, v in (("n_train", n_train), ("n_val", n_val)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed!r}")
+    if not 1 <= n_classes <= len(CLASSES):
+        raise ValueError(f"n_classes must be in [1, {len(CLASSES)}] (the classes in "
+                         f"tgdp.data.synthetic.CLASSES), got {n_classes!r}")
+    return {split: [(f"{split}_{i:05d}", i % n_classes, seed * 10_000_019 + offset + i) for i in range(n)]
+            for split, n, offset in (("train", n_train, 0), ("val", n_val, _VAL_OFFSET))}
+
+
+def ensure_demo(out: str | os.PathLike | None = None, *, n_train: int = 400, n_val: int = 64,
+                seed: int = 0, n_classes: int = len(CLASSES), workers: int | None = None,
+                progress: bool = True, keep_videos: bool = False) -> Path:
+    """Build the demo set under ``out`` (default ``DataConfig.demo_dir``) unless it is already there
+    with the same settings; returns ``out``. Shards: ``out/train``, ``out/val``. ``seed`` and
+    ``n_classes``: see :func:`demo_plan`."""
+    plan = demo_plan(n_train, n_val, seed, n_classes)
     out = Path(out if out is not None else DataConfig().demo_dir).expanduser()
     stamp = {"gen_version": GEN_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
-             "classes": [c[0] for c in CLASSES], "seconds": SECONDS, "fps": FPS, "size": SIZE}
+             "classes": [c[0] for c in CLASSES[:n_classes]], "seconds": SECONDS, "fps": FPS, "size": SIZE}
     stamp_path = out / "stamp.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp and all(
             (out / s / "manifest.json").is_file() and read_manifest(out / s).get("complete")
@@ -225,14 +257,13 @@ def ensure_demo(out: str | os.PathLike | None = None, *, n_train: int = 400, n_v
 
     from tgdp.prepare import prepare
     jobs, lists = [], {}
-    for split, n, offset in (("train", n_train, 0), ("val", n_val, 1_000_000)):
+    for split, clips in plan.items():
         (out / "videos" / split).mkdir(parents=True, exist_ok=True)
         rows = []
-        for i in range(n):
-            cls = i % len(CLASSES)  # balanced classes
-            path = out / "videos" / split / f"{split}_{i:05d}.mkv"
-            jobs.append((str(path), cls, seed * 10_000_019 + offset + i))
-            rows.append({"path": str(path), "id": f"{split}_{i:05d}", "labels": CLASSES[cls][0]})
+        for clip_id, cls, clip_seed in clips:
+            path = out / "videos" / split / f"{clip_id}.mkv"
+            jobs.append((str(path), cls, clip_seed))
+            rows.append({"path": str(path), "id": clip_id, "labels": CLASSES[cls][0]})
         lists[split] = rows
     nproc = (os.cpu_count() or 1) if workers is None else workers
     # One pool for rendering and both prepare runs: every spawned worker pays the imports once.
@@ -267,7 +298,10 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--out", default=DataConfig().demo_dir, help="output folder")
     ap.add_argument("--n", type=int, default=400, help="training clips")
     ap.add_argument("--n-val", type=int, default=64, help="held-out (retrieval) clips")
-    ap.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same clips)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="draws the corpus (same seed, same clips); 0 = the main job's demo set (default 0)")
+    ap.add_argument("--classes", type=int, default=len(CLASSES),
+                    help=f"number of classes, 1..{len(CLASSES)}: the first ones of CLASSES (default {len(CLASSES)})")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     ap.add_argument("--keep-videos", action="store_true", help="keep the .mkv sources in <out>/videos")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -277,9 +311,9 @@ def _main(argv: list[str]) -> int:
         raise UserError(f"--n {args.n} and --n-val {args.n_val} must both be >= 1")
     try:
         with writing_to(args.out):
-            out = ensure_demo(args.out, n_train=args.n, n_val=args.n_val, seed=args.seed,
+            out = ensure_demo(args.out, n_train=args.n, n_val=args.n_val, seed=args.seed, n_classes=args.classes,
                               workers=args.workers, keep_videos=args.keep_videos, progress=not args.no_progress)
-    except ValueError as e:  # bad counts, or a folder the generator did not make
+    except ValueError as e:  # bad counts or class count, or a folder the generator did not make
         raise UserError(str(e)) from e
     print(f"demo set ready: {out}/train ({read_manifest(out / 'train')['num_samples']} clips), "
           f"{out}/val ({read_manifest(out / 'val')['num_samples']} clips)")
