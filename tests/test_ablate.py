@@ -230,12 +230,15 @@ def test_toy_study_resume_skips_and_continues(study, corpus, monkeypatch, capsys
         ablate_main(_argv(corpus, study, 3))
     killed = study / "runs" / "baseline" / "seed-2"
     assert not (killed / "result.json").exists() and (killed / "checkpoints").is_dir()
-    # ... continues from its checkpoint: only the missing step is trained
+    # ... continues from its checkpoint (only the missing step is trained), here in a child process
+    # of --jobs 2, beside the fresh run of the other variant
     monkeypatch.setattr(loop, "train_step", real_step)
     capsys.readouterr()
-    assert ablate_main(_argv(corpus, study, 3)) == 0
+    assert ablate_main(_argv(corpus, study, 3, 3, "--jobs", "2")) == 0
     out = capsys.readouterr().out
-    assert "resumed from step-00000002.pt at step 2" in out
+    assert out.count(": started (log ") == 2 and "run 5/6 baseline seed 2: done in" in out
+    assert "resumed from step-00000002.pt at step 2" in (killed / "ablate.log").read_text()
+    assert not (killed / "ablate.lock").exists()
     res = json.loads((killed / "result.json").read_text())
     assert res["resumed_from"] == 2 and res["steps"] == 3
     assert sorted(_losses(killed)) == [1, 2, 3]

@@ -49,6 +49,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--steps", type=int, default=None, help="training steps of every run (default: train.steps)")
     ap.add_argument("--out", default="runs/ablation", help="study folder (default runs/ablation)")
     ap.add_argument("--torchrun", type=int, default=1, metavar="N", help="processes per run (torchrun; default 1)")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="runs at once, each a child process with OMP_NUM_THREADS = cores / N (default 1: in this "
+                         "process)")
     ap.add_argument("--no-probe", action="store_true", help="skip the probe even when the data has labels")
     ap.add_argument("--device", default="auto", help="evaluation device: auto | cpu | cuda")
     ap.add_argument("--list", action="store_true", help="print the variants and their overrides, then exit")
@@ -106,7 +109,8 @@ def _fmt_s(s: float) -> str:
 
 def main(argv: list[str]) -> int:
     from tgdp.ablate.report import summarize, write_outputs
-    from tgdp.ablate.runner import RunSpec, Study, flops_per_step, run_config, run_dir, run_one
+    from tgdp.ablate.pool import run_all
+    from tgdp.ablate.runner import RunSpec, Study, flops_per_step, run_config, run_dir
     from tgdp.ablate.variants import format_overrides, load_variants
     from tgdp.configs import load
 
@@ -126,8 +130,8 @@ def main(argv: list[str]) -> int:
     variants.sort(key=lambda v: v.name != args.baseline)          # baseline first
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: need at least 1 (2 for a confidence interval, 3+ recommended)")
-    if args.torchrun < 1:
-        raise UserError(f"--torchrun {args.torchrun}: need at least 1 process")
+    if args.torchrun < 1 or args.jobs < 1:
+        raise UserError(f"--torchrun {args.torchrun} --jobs {args.jobs}: each needs at least 1")
     steps = args.steps if args.steps is not None else base.train.steps
     if steps < 1:
         raise UserError(f"--steps {steps}: give the number of training steps of every run (>= 1)")
@@ -167,33 +171,42 @@ def main(argv: list[str]) -> int:
     settings = {"command": "python -m tgdp.ablate " + shlex.join(argv), "preset": preset, "steps": steps,
                 "batch": base.train.batch_size, "seeds": list(study.seeds), "data": study.data,
                 "val_data": study.val_data, "num_train": n_train, "num_val_manifest": n_val, "device": device,
-                "torchrun": study.torchrun}
+                "torchrun": study.torchrun, "jobs": args.jobs}
     results: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     folders = {v.name: {s: run_dir(study, RunSpec(v, s)) for s in study.seeds} for v in variants}
-    t_start, ran_times = time.perf_counter(), []
-    outputs = {}
-    for i, spec in enumerate(specs, 1):
-        tag = f"[{PROG}] run {i}/{len(specs)} {spec.variant.name} seed {spec.seed}"
-        t0 = time.perf_counter()
-        result, ran = run_one(study, spec, device=device)
+    t_start, ran_times, outputs = time.perf_counter(), [], {}
+    index = {(spec.variant.name, spec.seed): i for i, spec in enumerate(specs, 1)}
+
+    def tag(spec) -> str:
+        return f"[{PROG}] run {index[(spec.variant.name, spec.seed)]}/{len(specs)} {spec.variant.name} seed {spec.seed}"
+
+    def on_start(spec, log: str) -> None:
+        if args.jobs > 1:
+            print(f"{tag(spec)}: started (log {log})", flush=True)
+
+    def on_done(spec, result: dict, ran: bool, t0: float) -> None:
+        nonlocal outputs
         if ran:
             ran_times.append(time.perf_counter() - t0)
         results[spec.variant.name][spec.seed] = result
-        r = result["retrieval"]
-        probe = result.get("probe")
-        left = len(specs) - i
-        eta = f"; about {_fmt_s(left * sum(ran_times) / len(ran_times))} left" if ran_times and left else ""
+        r, probe = result["retrieval"], result.get("probe")
+        left = len(specs) - sum(len(x) for x in results.values())
+        eta = (f"; about {_fmt_s(left * sum(ran_times) / len(ran_times) / args.jobs)} left"
+               if ran_times and left else "")
         what = (f"done in {_fmt_s(result['train_s'] + result['eval_s'])} (train {result['train_s']:.0f} s, "
                 f"eval {result['eval_s']:.0f} s)" if ran else "finished earlier, skipped")
-        print(f"{tag}: {what} - R@1 V→A {r['v2a']['R@1']:.2f} A→V {r['a2v']['R@1']:.2f}"
+        print(f"{tag(spec)}: {what} - R@1 V→A {r['v2a']['R@1']:.2f} A→V {r['a2v']['R@1']:.2f}"
               + (f", probe {probe['metric']} {probe['value']:.1f}" if probe else "") + eta, flush=True)
-        done = [r for per in results.values() for r in per.values()]
-        settings["wall_s"] = sum(r["train_s"] + r["eval_s"] for r in done)
+        done = [x for per in results.values() for x in per.values()]
+        settings["wall_s"] = sum(x["train_s"] + x["eval_s"] for x in done)      # summed over runs
+        settings["invocation_wall_s"] = time.perf_counter() - t_start
         settings["num_val"], settings["num_frames"] = result.get("num_val"), result.get("num_frames")
         summary = summarize({v.name: {"description": v.description, "overrides": v.overrides,
                                       "flops": flops[v.name], "results": results[v.name]} for v in variants},
                             args.baseline, settings)
         outputs = write_outputs(study.out, summary, folders)
+
+    run_all(study, specs, on_done, jobs=args.jobs, device=device, on_start=on_start)
     print(f"[{PROG}] wrote {outputs['md']}, {outputs['json']}, {outputs['plot']} "
           f"(this invocation {_fmt_s(time.perf_counter() - t_start)})", flush=True)
     return 0

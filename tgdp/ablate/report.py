@@ -95,8 +95,9 @@ def format_markdown(summary: dict) -> str:
     lines += [f"Data: {st.get('data')} (training), {st.get('val_data')} ({st.get('num_val', '?')} held-out clips, "
               f"{st.get('num_frames', '?')} frames each); preset {st.get('preset')}, {st.get('steps')} steps at "
               f"batch {st.get('batch')} for every run; seeds {st.get('seeds')} (seed s: the same initial weights, "
-              "data order and reconstruction masks in every variant). Wall time of the runs: "
-              f"{st.get('wall_s', 0) / 60:.1f} min ({st.get('device', '?')}).", "",
+              "data order and reconstruction masks in every variant). Time of the runs (train + evaluation, "
+              f"summed): {st.get('wall_s', 0) / 60:.1f} min on {st.get('device', '?')}, {st.get('jobs', 1)} at once; "
+              f"wall time of the last invocation: {st.get('invocation_wall_s', 0) / 60:.1f} min.", "",
               "Mean ± std over seeds (percent). GFLOP/step: counted by `tgdp.flops` (teacher forward + student "
               "forward and backward, × batch).", "",
               "| variant | seeds | GFLOP/step | V→A R@1 | A→V R@1 | V→A R@5 | A→V R@5 | V→A R@10 | A→V R@10 | probe |",

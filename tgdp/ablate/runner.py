@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -30,8 +31,8 @@ from tgdp.atomic import atomic_write_json, atomic_write_text
 from tgdp.cli import UserError
 from tgdp.configs import Config, apply_overrides, to_dict
 
-__all__ = ["Study", "RunSpec", "run_config", "run_dir", "to_toml", "fingerprint", "run_one", "evaluate",
-           "flops_per_step", "torchrun_command"]
+__all__ = ["Study", "RunSpec", "run_config", "run_dir", "to_toml", "fingerprint", "prepare", "acquire", "execute",
+           "run_one", "evaluate", "flops_per_step", "torchrun_command", "worker_command"]
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,12 @@ def evaluate(ckpt: str, train_root: str, val_root: str, probe: bool = True, devi
         loader = common.make_retrieval_loader(cfg, root)
         return common.extract_video_features(model, loader, cfg.data.frames_per_clip, None, device)
 
+    t0 = time.perf_counter()
     val = features(val_root)
     ret = retrieval_metrics(val.a, val.v, chunk=cfg.eval.chunk)
     out: dict = {"retrieval": {k: {m: ret[k][m] for m in ("R@1", "R@5", "R@10", "MR")} for k in ("v2a", "a2v")},
-                 "num_val": ret["num_videos"], "num_frames": ret["num_frames"], "probe": None}
+                 "num_val": ret["num_videos"], "num_frames": ret["num_frames"], "probe": None,
+                 "retrieval_s": time.perf_counter() - t0}
     if not probe:
         return out
     if not all(val.labels) or not val.labels:
@@ -188,6 +191,7 @@ def evaluate(ckpt: str, train_root: str, val_root: str, probe: bool = True, devi
         res = train_probe((train.a, train.v, y_tr), (val.a, val.v, y_va), len(classes), settings, device)
     out["probe"] = {"metric": res.metric, "value": 100.0 * res.history[-1][res.metric],
                     "num_train": len(train.ids), "num_classes": len(classes), "epochs": settings.epochs}
+    out["probe_s"] = time.perf_counter() - t0 - out["retrieval_s"]
     return out
 
 
@@ -201,36 +205,117 @@ def flops_per_step(cfg: Config) -> dict:
             "student_per_step": f["student_fwd_bwd"] * b, "batch": b}
 
 
-def run_one(study: Study, spec: RunSpec, device: str = "cpu") -> tuple[dict, bool]:
-    """Train + evaluate one run unless it is finished; returns (result, ran)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire(rdir: Path) -> Path:
+    """Lock a run folder for this process (``ablate.lock`` holds the pid). A lock of a live process
+    is a UserError (two studies on one folder); a dead process's lock is taken over."""
+    rdir.mkdir(parents=True, exist_ok=True)
+    lock = rdir / "ablate.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise UserError(f"run folder {rdir} is in use by process {pid} (another tgdp.ablate on the same "
+                                "--out); wait for it, or use another --out") from None
+            lock.unlink(missing_ok=True)      # left by a killed process
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return lock
+    raise UserError(f"cannot lock {lock}; remove it if no tgdp.ablate is running")
+
+
+def prepare(study: Study, spec: RunSpec) -> tuple[Config, Path, dict, dict | None]:
+    """(config, run folder, fingerprint, result or None). A finished run returns its result; else
+    the folder is checked (same settings), locked by the caller and set up (marker, config.toml)."""
     cfg = run_config(study, spec)
     rdir = run_dir(study, spec)
     fp = fingerprint(cfg, study)
     result_path = rdir / "result.json"
     if result_path.is_file():
         _check_same(result_path, fp)
-        return json.loads(result_path.read_text()), False
+        return cfg, rdir, fp, json.loads(result_path.read_text())
     marker = rdir / "ablate_run.json"
     if marker.is_file():
         _check_same(marker, fp)
-    rdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, fp)
-    atomic_write_text(rdir / "config.toml", to_toml(cfg))
+    return cfg, rdir, fp, None
 
+
+def execute(cfg: Config, rdir: Path, fp: dict, torchrun: int = 1, device: str = "cpu") -> dict:
+    """Train (resuming from the run's checkpoint) and evaluate one prepared run; writes result.json."""
+    rdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rdir / "ablate_run.json", fp)
+    atomic_write_text(rdir / "config.toml", to_toml(cfg))
+    steps, ev_settings = cfg.train.steps, fp["eval"]
     t0 = time.perf_counter()
-    _train(cfg, rdir, study.torchrun)
+    _train(cfg, rdir, torchrun)
     t_train = time.perf_counter() - t0
     summary_path = rdir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     ckpt = summary.get("checkpoint")
-    if summary.get("steps") != study.steps or not ckpt or not Path(ckpt).is_file():
-        raise UserError(f"training of {rdir} did not finish {study.steps} steps ({summary_path}: steps "
+    if summary.get("steps") != steps or not ckpt or not Path(ckpt).is_file():
+        raise UserError(f"training of {rdir} did not finish {steps} steps ({summary_path}: steps "
                         f"{summary.get('steps')}, checkpoint {ckpt}); rerun the same command to resume")
     t1 = time.perf_counter()
-    ev = evaluate(ckpt, study.data, study.val_data, probe=study.probe, device=device)
-    result = {"variant": spec.variant.name, "seed": spec.seed, **ev, "steps": study.steps,
-              "checkpoint": ckpt, "train_s": t_train, "eval_s": time.perf_counter() - t1,
+    ev = evaluate(ckpt, cfg.data.root, ev_settings["val_data"], probe=ev_settings["probe"], device=device)
+    result = {"variant": rdir.parent.name, "seed": cfg.train.seed, **ev, "steps": steps, "checkpoint": ckpt,
+              "train_s": t_train, "eval_s": time.perf_counter() - t1,
               "resumed_from": summary.get("resumed_from", 0), "train_samples_per_s": summary.get("samples_per_s"),
               "nonfinite_steps": summary.get("nonfinite_steps"), "fingerprint": fp}
-    atomic_write_json(result_path, result)
-    return result, True
+    atomic_write_json(rdir / "result.json", result)
+    return result
+
+
+def run_one(study: Study, spec: RunSpec, device: str = "cpu") -> tuple[dict, bool]:
+    """Train + evaluate one run in this process unless it is finished; returns (result, ran)."""
+    cfg, rdir, fp, done = prepare(study, spec)
+    if done is not None:
+        return done, False
+    lock = acquire(rdir)
+    try:
+        return execute(cfg, rdir, fp, study.torchrun, device), True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def worker_command(rdir: Path, torchrun: int, device: str) -> list[str]:
+    """The child process of ``--jobs N``: ``python -m tgdp.ablate.runner RUN_DIR`` (prepared folder)."""
+    return [sys.executable, "-m", "tgdp.ablate.runner", str(rdir), "--torchrun", str(torchrun), "--device", device]
+
+
+def _worker(argv: list[str]) -> int:
+    import argparse
+
+    from tgdp.configs import from_dict
+
+    ap = argparse.ArgumentParser(prog="python -m tgdp.ablate.runner",
+                                 description="train + evaluate one prepared run folder of a tgdp.ablate study")
+    ap.add_argument("run_dir")
+    ap.add_argument("--torchrun", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    rdir = Path(args.run_dir)
+    fp = json.loads((rdir / "ablate_run.json").read_text())
+    cfg = from_dict(fp["config"]).validate()
+    execute(cfg, rdir, fp, args.torchrun, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    from tgdp.cli import run
+
+    sys.exit(run("tgdp.ablate", _worker))
