@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     from tgdp.ablate.report import summarize, write_outputs
     from tgdp.ablate.pool import run_all
     from tgdp.ablate.runner import RunSpec, Study, flops_per_step, run_config, run_dir
-    from tgdp.ablate.variants import format_overrides, load_variants
+    from tgdp.ablate.variants import format_overrides, load_variants, resolve
     from tgdp.configs import load
 
     args, rest = parse_args(argv)
@@ -119,8 +119,10 @@ def main(argv: list[str]) -> int:
     base = load(preset, args.config, rest)
     known = load_variants(args.variants_file)
     if args.list:
+        print(f"variant            GFLOP/step ({preset}, batch {base.train.batch_size}; tgdp.flops)  overrides")
         for v in known.values():
-            print(f"{v.name:18s} {format_overrides(v.overrides)}\n{'':18s} {v.description} [{v.source}]")
+            gf = flops_per_step(resolve(base, v))["per_step"] / 1e9
+            print(f"{v.name:18s} {gf:10.1f}  {format_overrides(v.overrides)}\n{'':18s} {v.description} [{v.source}]")
         return 0
     variants = _select(args.variants, known)
     names = [v.name for v in variants]
