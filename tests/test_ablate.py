@@ -11,7 +11,7 @@ import pytest
 
 from tgdp import configs
 from tgdp.ablate import report, stats
-from tgdp.ablate.__main__ import main as ablate_main
+from tgdp.ablate.__main__ import _main as ablate_main
 from tgdp.ablate.runner import RunSpec, Study, run_config, to_toml, torchrun_command
 from tgdp.ablate.variants import BUILTIN, load_variants, resolve
 from tgdp.cli import UserError, run
@@ -258,7 +258,7 @@ def test_toy_study_refuses_other_settings(study, corpus, capsys):
     (["--variants", "baseline,tgpd"], "unknown variant 'tgpd'.*did you mean 'tgdp'"),
     (["--variants", "tgdp,dual_random"], "--baseline 'baseline' is not among"),
     (["--seeds", "0"], "--seeds 0"),
-    (["--train.batch_size", "64"], "larger than the 8 training clips"),
+    (["--train.batch_size", "64"], "batch_size=64 is larger than the 8 clips"),
     (["--masking.guide", "nope"], "config error: masking.guide='nope'"),
 ])
 def test_user_errors_are_one_line(corpus, tmp_path, capsys, args, match):

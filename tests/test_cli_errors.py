@@ -59,6 +59,12 @@ def _train(e, *more):
             "--train.out_dir", str(e["tmp"] / "run"), *more]
 
 
+def _ab(e, *more, data=None, out=None):
+    return ["--data", data or e["shards"], "--val-data", e["shards"], "--variants", "baseline,tgdp", "--seeds", "1",
+            "--steps", "1", "--out", out or str(e["tmp"] / "ab"), "--preset", "tiny", *SMALL_ARGS,
+            "--train.batch_size", "2", "--data.num_workers", "0", *more]
+
+
 def _rt(e, *more):
     return ["retrieval", "--device", "cpu", "--out", str(e["tmp"] / "ev"), *more]
 
@@ -105,6 +111,11 @@ COMMANDS = [
     Command("tgdp.perf", lambda e: ["--preset", "tiny", *SMALL_ARGS],
             config=lambda e: ["--preset", "tiny", *SMALL_ARGS],
             bad_value=lambda e: ["--preset", "tiny", "--mfu", "2"]),
+    Command("tgdp.ablate", lambda e: _ab(e), "tgdp.ablate.__main__",
+            config=lambda e: _ab(e),
+            data=lambda e, p: _ab(e, data=p),
+            out=lambda e, p: _ab(e, out=p),
+            bad_value=lambda e: _ab(e, "--seeds", "0")),
     Command("tgdp.data.synthetic", lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "1", "--workers", "0"],
             out=lambda e, p: ["--out", p, "--n", "1", "--n-val", "1", "--workers", "0", "--no-progress"],
             bad_value=lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "0"]),

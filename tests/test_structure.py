@@ -16,7 +16,8 @@ import pytest
 from _train_helpers import REPO, env
 
 COMMANDS = ["tgdp.train", "tgdp.eval", "tgdp.convert", "tgdp.prepare", "tgdp.flops", "tgdp.perf",
-            "tgdp.data.synthetic"]
+            "tgdp.data.synthetic", "tgdp.ablate"]
+PACKAGES = ("tgdp.eval", "tgdp.ablate")   # commands that are packages: main() lives in __main__
 HEAVY = ("torch", "numpy", "matplotlib", "av", "PIL", "tensorboard", "triton", "nvidia")
 
 
@@ -132,7 +133,7 @@ def _parsers(cmd: str, monkeypatch) -> list[argparse.ArgumentParser]:
         raise SystemExit(0)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
-    module = importlib.import_module(cmd + (".__main__" if cmd == "tgdp.eval" else ""))
+    module = importlib.import_module(cmd + (".__main__" if cmd in PACKAGES else ""))
     with pytest.raises(SystemExit):
         module.main(["x"])
     monkeypatch.undo()

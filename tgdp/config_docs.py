@@ -51,6 +51,8 @@ DOCS = {
     "masking.renormalize_scores": "divide the scores by their sum over the patches",
     "masking.official_compat": "reproduce the official bug: the teacher ranks positions of a randomly "
                                "shuffled sequence",
+    "masking.dual_path": "false = the CAV-MAE Sync single pass (ablation baseline): contrastive loss on the "
+                         "reconstruction view's CLS, no second view",
     # loss
     "loss.w_rec": "weight of the reconstruction (MAE) loss, lambda_1",
     "loss.w_dis": "weight of the distillation loss to the teacher's globals, lambda_2",

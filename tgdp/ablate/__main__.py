@@ -14,7 +14,6 @@ its checkpoint. Any other ``--section.field VALUE`` overrides the config of ever
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import re
 import shlex
@@ -22,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tgdp.cli import UserError, run
+from tgdp.cli import UserError, parser, run, writing_to
 
 PROG = "tgdp.ablate"
 DEFAULT_VARIANTS = ("baseline", "dual_random", "tgdp", "tgdp_gumbel", "tgdp_no_distill", "official_compat")
@@ -30,9 +29,8 @@ DEMO_VAL = 1000
 
 
 def parse_args(argv: list[str]):
-    ap = argparse.ArgumentParser(prog="python -m tgdp.ablate", allow_abbrev=False,
-                                 description=__doc__.split("\n\n")[0],
-                                 epilog="Any other --section.field VALUE overrides the config of every run.")
+    doc = __doc__.split("\n\n")
+    ap = parser(PROG, "\n\n".join(doc[:2]), epilog="\n\n".join(doc[2:]))
     ap.add_argument("--data", default=None, help="training shard folder")
     ap.add_argument("--val-data", default=None, help="held-out shard folder (retrieval, probe)")
     ap.add_argument("--demo", action="store_true",
@@ -54,7 +52,8 @@ def parse_args(argv: list[str]):
                          "process)")
     ap.add_argument("--no-probe", action="store_true", help="skip the probe even when the data has labels")
     ap.add_argument("--device", default="auto", help="evaluation device: auto | cpu | cuda")
-    ap.add_argument("--list", action="store_true", help="print the variants and their overrides, then exit")
+    ap.add_argument("--list", action="store_true", help="print the variants, their overrides and FLOPs, then exit")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     return ap.parse_known_args(argv)
 
 
@@ -107,7 +106,7 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
 
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     from tgdp.ablate.report import summarize, write_outputs
     from tgdp.ablate.pool import run_all
     from tgdp.ablate.runner import RunSpec, Study, flops_per_step, run_config, run_dir
@@ -144,22 +143,21 @@ def main(argv: list[str]) -> int:
         args.data, args.val_data = _demo_corpus(base, args.demo_seed, args.demo_classes)
     n_train = _check_split("--data", args.data)
     n_val = _check_split("--val-data", args.val_data)
+    if n_val == 0:
+        raise UserError(f"--val-data {args.val_data} holds no clips; give a held-out shard folder with clips")
     study = Study(out=Path(args.out).expanduser().resolve(), data=str(Path(args.data).expanduser().resolve()),
                   val_data=str(Path(args.val_data).expanduser().resolve()), base=base, steps=steps,
                   seeds=tuple(range(args.seeds)), torchrun=args.torchrun, probe=not args.no_probe)
 
     # Every run's config is built and checked before any training starts.
-    from tgdp.train import check_before_data
+    from tgdp.training.launch import check_before_data
     from tgdp.training.distributed import check_world
 
     specs = [RunSpec(v, s) for s in study.seeds for v in variants]
-    for spec in specs:
+    for spec in specs:       # the training split's clips and batch size are checked here too
         cfg = run_config(study, spec)
         check_before_data(cfg)
         check_world(cfg, study.torchrun)
-        if cfg.train.batch_size > n_train:
-            raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {n_train} training clips "
-                            f"of {study.data}; lower it with --train.batch_size")
     flops = {v.name: flops_per_step(run_config(study, RunSpec(v, study.seeds[0]))) for v in variants}
 
     import torch
@@ -208,11 +206,17 @@ def main(argv: list[str]) -> int:
                             args.baseline, settings)
         outputs = write_outputs(study.out, summary, folders)
 
-    run_all(study, specs, on_done, jobs=args.jobs, device=device, on_start=on_start)
+    with writing_to(study.out):
+        run_all(study, specs, on_done, jobs=args.jobs, device=device, on_start=on_start)
     print(f"[{PROG}] wrote {outputs['md']}, {outputs['json']}, {outputs['plot']} "
           f"(this invocation {_fmt_s(time.perf_counter() - t_start)})", flush=True)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: expected errors are one line on stderr and exit status 2 (``tgdp.cli.run``)."""
+    return run(PROG, _main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(PROG, main))
+    sys.exit(main())

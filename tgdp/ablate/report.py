@@ -8,7 +8,6 @@ baseline with its 95 % t-interval (:func:`tgdp.ablate.stats.paired_ci`).
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from tgdp.ablate.stats import mean_std, paired_ci
@@ -138,15 +137,15 @@ def format_markdown(summary: dict) -> str:
 
 def loss_curve(run_folder: Path, key: str) -> dict[int, float]:
     """step -> value of ``key`` from a run's metrics.jsonl (a resumed run's rows replace earlier ones)."""
+    from tgdp.training.logger import read_metrics
+
     path = Path(run_folder) / "metrics.jsonl"
     out: dict[int, float] = {}
     if not path.is_file():
         return out
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get(key) is not None:
-                out[int(row["step"])] = float(row[key])
+    for row in read_metrics(path):
+        if row.get(key) is not None:
+            out[int(row["step"])] = float(row[key])
     return dict(sorted(out.items()))
 
 

@@ -15,17 +15,15 @@ data) is refused, never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from tgdp.ablate.variants import Variant, resolve
 from tgdp.atomic import atomic_write_json, atomic_write_text
 from tgdp.cli import UserError
@@ -67,27 +65,12 @@ def run_config(study: Study, spec: RunSpec) -> Config:
                                  "data.root": study.data}).validate()
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v)          # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
-
-
 def to_toml(cfg: Config) -> str:
-    """The full config as TOML that :func:`tgdp.configs.load` reads back to the same config."""
-    d = to_dict(cfg)
-    lines = [f"preset = {_toml_value(d.pop('preset'))}"]
-    for section, values in d.items():
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    """The full config as commented TOML (``--print-config``'s format) that loads back to ``cfg``."""
+    from tgdp.config_docs import DOCS, SECTIONS
+    from tgdp.config_io import to_toml as _to_toml
+
+    return _to_toml(cfg, {**SECTIONS, **DOCS})
 
 
 def _eval_settings(study: Study) -> dict:
@@ -133,9 +116,15 @@ def torchrun_command(config_file: Path, nproc: int) -> list[str]:
 
 
 def _train(cfg: Config, rdir: Path, nproc: int) -> None:
+    """Train in this process (its text output goes to ``RUN/train.log``; the step bar stays on a
+    terminal) or, with ``nproc > 1``, as a torchrun job."""
     if nproc <= 1:
         from tgdp.train import train
-        train(cfg, progress=sys.stderr.isatty())
+        from tgdp.training.header import Origin
+
+        origin = Origin(cfg.preset, str(rdir / "config.toml"))   # the run's full config, written by execute
+        with open(rdir / "train.log", "a") as log, contextlib.redirect_stdout(log):
+            train(cfg, progress=sys.stderr.isatty(), origin=origin)
         return
     cmd = torchrun_command(rdir / "config.toml", nproc)
     with open(rdir / "train.log", "a") as log:
