@@ -237,7 +237,7 @@ def test_toy_study_resume_skips_and_continues(study, corpus, monkeypatch, capsys
     assert ablate_main(_argv(corpus, study, 3, 3, "--jobs", "2")) == 0
     out = capsys.readouterr().out
     assert out.count(": started (log ") == 2 and "run 5/6 baseline seed 2: done in" in out
-    assert "resumed from step-00000002.pt at step 2" in (killed / "ablate.log").read_text()
+    assert "resumed from step-00000002.pt at step 2" in (killed / "train.log").read_text()
     assert not (killed / "ablate.lock").exists()
     res = json.loads((killed / "result.json").read_text())
     assert res["resumed_from"] == 2 and res["steps"] == 3
