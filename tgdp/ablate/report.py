@@ -109,6 +109,10 @@ def format_markdown(summary: dict) -> str:
         lines.append(f"| {tag} | {len(v['seeds_done'])} | {gf} | "
                      + " | ".join(_pm(m.get(k)) for k in ("v2a_R@1", "a2v_R@1", "v2a_R@5", "a2v_R@5",
                                                           "v2a_R@10", "a2v_R@10", "probe")) + " |")
+    n = st.get("num_val")
+    if n:
+        lines.append(f"| chance ({n} candidates) | | | {100 / n:.2f} | {100 / n:.2f} | {min(500 / n, 100):.2f} | "
+                     f"{min(500 / n, 100):.2f} | {min(1000 / n, 100):.2f} | {min(1000 / n, 100):.2f} | |")
     probe_note = next((r.get("probe") for v in vs.values() for r in v["runs"].values() if r.get("probe")), None)
     if probe_note:
         lines += ["", f"probe: attention probe on the frozen encoders, {probe_note['metric']} in percent "
