@@ -12,6 +12,7 @@ Assumptions we had to make because the paper and the released code leave them op
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -185,6 +186,9 @@ class DataConfig:
     # the batch is assembled, seeded by (train.seed, step, global sample), so audio padding patches
     # are never visible (torch loader / cache / noise sources; the DALI loader lacks valid lengths)
     host_masks: bool = False
+    # Audio channel kept by tgdp.prepare: "first" (the official rule) or "mix" (mean of all channels).
+    # The shards record the rule; training and eval refuse shards prepared with the other one.
+    channels: Literal["first", "mix"] = "first"
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.frames_per_clip >= 1, f"{prefix}.frames_per_clip", self.frames_per_clip, "must be >= 1")
@@ -221,6 +225,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     resume: bool = False
+    # A fresh run in an out_dir that holds another run's files is refused; True moves those files to
+    # <out_dir>/replaced/<time>-<run id>/ first (never deletes them).
+    overwrite: bool = False
     init: str = ""                   # optional official / tgdp checkpoint to start from
     # student implementation: "auto" = tgdp.model.FastCAVMAESync when importable, else the reference
     model_impl: Literal["auto", "reference", "fast"] = "auto"
@@ -240,6 +247,9 @@ class TrainConfig:
         _check(self.ckpt_every >= 1, f"{prefix}.ckpt_every", self.ckpt_every, "must be >= 1")
         _check(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "must be >= 1")
+        _check(not (self.resume and self.overwrite), f"{prefix}.overwrite", self.overwrite,
+               "cannot be combined with train.resume=true (resume continues the folder's run; overwrite "
+               "moves it aside)")
 
 
 @dataclass(frozen=True)
@@ -269,7 +279,9 @@ class Config:
         for f in fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
+                _check_finite(section, f.name)
                 section.validate(f.name)
+        _check_mask_ratios(self)
         return self
 
 
@@ -306,6 +318,32 @@ PRESETS = {"paper": paper, "tiny": tiny}
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} {why}")
+
+
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float field (and float inside a tuple field) of ``section`` is finite: inf/nan pass
+    ``> 0``-style range checks or fail them with a misleading reason, so they are named first."""
+    for f in fields(section):
+        v = getattr(section, f.name)
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{prefix}.{f.name}={v!r} must be a finite number")
+
+
+def _check_mask_ratios(cfg: "Config") -> None:
+    """Each mask ratio leaves at least one visible patch per modality (the official ``int(N (1 - r))``
+    kept tokens), and the reconstruction ratio masks at least one patch (its loss averages over them)."""
+    m = cfg.model
+    for mod, n in (("audio", m.num_patches_a), ("video", m.num_patches_v)):
+        for name in ("rec_ratio", "con_ratio"):
+            r = getattr(cfg.masking, name)
+            keep = int(n * (1 - r))
+            _check(keep >= 1, f"masking.{name}", r, f"leaves no visible {mod} patch of {n} (int({n} * (1 - r)) = "
+                                                    f"{keep}); use a smaller ratio")
+        keep = int(n * (1 - cfg.masking.rec_ratio))
+        _check(keep < n, "masking.rec_ratio", cfg.masking.rec_ratio,
+               f"masks no {mod} patch of {n}, so the reconstruction loss has nothing to reconstruct; use a "
+               "ratio > 0")
 
 
 # ----------------------------------------------------------------------------- loading (tgdp.config_io)
