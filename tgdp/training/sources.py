@@ -189,14 +189,18 @@ class LoaderSource:
         from tgdp.data.loader import make_loader
 
         self.loader = make_loader(cfg, "train", rank, world_size, root=root)
+        self.loader_batch = cfg.train.batch_size // world_size
         self.epoch, self.consumed = 0, 0
         self.step = 0   # batches handed out in the run (= training step): seeds the host masks
         self.host_masks = HostMasks(cfg, rank, world_size) if cfg.data.host_masks else None
         self._it = None
+        self._replayed: dict = {}   # skips met again while a resume replays its epoch (counted before)
 
     @property
     def skipped(self) -> dict:
-        return dict(getattr(self.loader, "skipped", {}))
+        """Corrupt samples skipped by this process's loader, by reason (a resume's replay excluded)."""
+        from collections import Counter
+        return dict(Counter(getattr(self.loader, "skipped", {})) - Counter(self._replayed))
 
     def _open(self) -> None:
         self.loader.set_epoch(self.epoch)
@@ -207,6 +211,7 @@ class LoaderSource:
             self._open()
             for _ in range(self.consumed):  # resume: replay the deterministic order up to the position
                 next(self._it)
+            self._replayed = dict(getattr(self.loader, "skipped", {}))
         for _ in range(2):
             try:
                 b = next(self._it)
@@ -215,8 +220,10 @@ class LoaderSource:
                 self.epoch, self.consumed = self.epoch + 1, 0
                 self._open()
         else:
-            raise RuntimeError("the training split yields no full batch; lower train.batch_size "
-                               "or add data")
+            from tgdp.cli import UserError
+            raise UserError(f"the training data yields no full batch of {self.loader_batch} clips (after "
+                            f"skipping corrupt samples: {self.skipped or 'none'}); lower --train.batch_size "
+                            "or add data")
         self.consumed += 1
         out = TrainBatch(b.audio, b.frames)
         if self.host_masks is not None:
