@@ -22,7 +22,9 @@ Corrupt data is skipped and counted (``skipped``), never replaced, each sample o
 
 - a missing or empty member ("missing member"), or one past the end of a truncated tar ("bad
   shard", per sample): seen in the index, never handed to DALI (no cost);
-- wrong sample rate, audio shorter than one fbank frame, unreadable JSON: dropped after the pipeline;
+- wrong sample rate, audio shorter than one fbank frame, unreadable JSON, a member whose sha256
+  differs from its metadata's ("checksum": the raw FLAC and JPEG bytes the reader already read are
+  pipeline outputs too, hashed on the host): dropped after the pipeline;
 - an undecodable JPEG/FLAC: DALI raises and its pipeline is dead. The loader probes the samples that
   can be in flight (at most ``(PREFETCH + 1) * batch_size``, from the first one not yet delivered)
   with a synchronous batch-1 pipeline, records the first failing one in ``bad`` ("bad image" /
@@ -51,6 +53,7 @@ import torch
 from tgdp.data.dali_plan import load_catalog, plan_epoch, planned_frame, scan_shard, write_indexes
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
 from tgdp.data.batch import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
+from tgdp.data.shards import check_members, read_manifest, shard_notes
 from tgdp.data.windows import audio_windows, window_starts
 
 __all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
@@ -132,8 +135,9 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool,
 
     The reader is sequential (no DALI shuffle, no DALI RNG): order and frame choice live in the index.
     Outputs: json (space-padded bytes), audio (zero-padded ``[N]``), alen ``[1]``, sr, then the frame
-    ``[3, S, S]`` (member ``img``) or all ``frames_per_clip`` frames (retrieval), and logmel
-    ``[F, 128]`` if ``mel="dali"``. ``probe=True``: synchronous executor, so the error of iteration i
+    ``[3, S, S]`` (member ``img``) or all ``frames_per_clip`` frames (retrieval), then the raw
+    (encoded) FLAC and frame bytes, zero-padded, each followed by its length (host outputs, for the
+    checksums), and logmel ``[F, 128]`` if ``mel="dali"``. ``probe=True``: synchronous executor, so the error of iteration i
     belongs to sample i (batch_size 1).
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -165,7 +169,8 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool,
         if gpu:
             padded = padded.gpu()
             extra = [e.gpu() for e in extra]
-        return (fn.pad(meta, fill_value=32), padded, alen, sr, *frames, *extra)
+        raw = [x for enc in (flac, *jpgs) for x in (fn.pad(enc, fill_value=0), enc.shape())]
+        return (fn.pad(meta, fill_value=32), padded, alen, sr, *frames, *raw, *extra)
 
     sync = dict(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1) if probe else \
         dict(prefetch_queue_depth=PREFETCH)
@@ -232,12 +237,16 @@ class DaliLoader:
         # self._exts order, and the samples that never reach DALI (missing member, truncated tar).
         self._exts = ["json", "flac"] + [f"f{i:02d}.jpg" for i in range(data.frames_per_clip)]
         self._shards, self._bad_tars = load_catalog(root, self._exts)
+        self.root, self.manifest = root, read_manifest(root)
+        self.checksums, self.notes = shard_notes(root, self.manifest, data)
         self._tmp = tempfile.mkdtemp(prefix="tgdp-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self._runs = 0
         nf = data.frames_per_clip if mode == "retrieval" else 1
+        raw = ["flac"] + [f"f{i:02d}.jpg" for i in range(nf)] if mode == "retrieval" else ["flac", "img"]
+        self._raw = raw
         self._names = ["json", "audio", "alen", "sr"] + [f"f{i}" for i in range(nf)] + \
-            (["logmel"] if mel == "dali" else [])
+            [n for r in raw for n in (f"raw:{r}", f"rawlen:{r}")] + (["logmel"] if mel == "dali" else [])
 
     @property
     def bad(self) -> dict[tuple[str, str], str]:
@@ -329,6 +338,16 @@ class DaliLoader:
                 carry[reason] += 1
                 del plan[pos + i]
 
+    def _members_ok(self, o: dict, row: int, meta: dict, entry) -> bool:
+        """The sha256 of row ``row``'s JSON, FLAC and frame(s) against its metadata (host tensors)."""
+        parts = {}
+        for r in self._raw:
+            n = int(o[f"rawlen:{r}"][row].reshape(-1)[0])
+            ext = f"f{entry[2]:02d}.jpg" if r == "img" else r   # "img" is the planned frame's member
+            parts[ext] = o[f"raw:{r}"][row][:n].numpy().tobytes()
+        ok = check_members(meta, parts)
+        return ok is True or (ok is None and not self.checksums)
+
     def _to_batch(self, o: dict, entries: list) -> Batch:
         """One DALI batch -> :class:`Batch`; ``entries`` are its rows' plan entries (row order)."""
         d, k = self.data, self.data.frames_per_clip
@@ -341,15 +360,20 @@ class DaliLoader:
             except (ValueError, KeyError, TypeError):
                 ok = False
             metas.append(m if ok else None)
-        bad_meta = torch.tensor([m is None for m in metas], dtype=torch.bool)
+        for j, m in enumerate(metas):
+            if m is not None and not self._members_ok(o, j, m, entries[j]):
+                metas[j] = "checksum"
+        bad_sum = torch.tensor([m == "checksum" for m in metas], dtype=torch.bool)
+        metas = [None if isinstance(m, str) else m for m in metas]
+        bad_meta = torch.tensor([m is None for m in metas], dtype=torch.bool) & ~bad_sum
         sr = o["sr"].reshape(-1).round().long()
         lengths = o["alen"].reshape(-1).long()
-        bad_sr = ~bad_meta & (sr != d.sample_rate)
-        short = ~bad_meta & ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
+        bad_sr = ~bad_meta & ~bad_sum & (sr != d.sample_rate)
+        short = ~bad_meta & ~bad_sum & ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
         skipped = +Counter({"bad metadata": int(bad_meta.sum()), "wrong sample rate": int(bad_sr.sum()),
-                            "short audio": int(short.sum())})
+                            "short audio": int(short.sum()), "checksum": int(bad_sum.sum())})
         self.skipped.update(skipped)
-        keep = (~bad_meta & ~bad_sr & ~short).nonzero().reshape(-1)
+        keep = (~bad_meta & ~bad_sum & ~bad_sr & ~short).nonzero().reshape(-1)
         metas = [metas[i] for i in keep.tolist()]
         per = k if self.mode == "retrieval" else 1
         if not metas:
