@@ -383,6 +383,9 @@ def test_cli_retrieval_with_real_model_and_loader(tmp_path):
         ca, cv = model.extract_features(batch.audio, batch.frames)
     torch.testing.assert_close(feats.a[4], ca[16:32], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats.v[4], cv[16:32], atol=1e-5, rtol=1e-5)
+    cov = res.pop("coverage")
+    assert (cov["evaluated"], cov["in_manifest"], cov["skipped"]) == (5, 5, {})
+    assert cov["line"].startswith("5 evaluated of 5 in the manifest")
     assert res == retrieval_metrics(feats.a, feats.v) | {"source": str(tmp_path / "ckpt.pt")}
     for png in ("tsne.png", "retrieval_a2v.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tgdp.atomic import atomic_write_json, atomic_write_text
+from tgdp.atomic import atomic_write_json, atomic_write_text, check_writable
 from tgdp.cli import HelpFormatter, UserError, parser, run
 
 if TYPE_CHECKING:
@@ -226,6 +226,7 @@ def _retrieval(args, overrides: dict) -> int:
 
     src = Path(args.ckpt or args.features)
     out = Path(args.out) if args.out else src.parent / "eval"
+    check_writable(out)   # before any compute
     if args.features:
         feats, cfg = VideoFeatures.load(args.features), None
         chunk = args.chunk or 4096
@@ -234,8 +235,9 @@ def _retrieval(args, overrides: dict) -> int:
         chunk = args.chunk or cfg.eval.chunk
         if args.save_features:
             feats.save(out / "features.pt")
-    feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels)
-    res = run_retrieval(feats, out, chunk=chunk, ties=args.ties, extra={"source": str(src)})
+    feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels, feats.coverage)
+    res = run_retrieval(feats, out, chunk=chunk, ties=args.ties,
+                        extra={"source": str(src), "coverage": feats.coverage})
     print(format_table(res))
     print(f"wrote {out / 'retrieval.json'}")
     if args.plots:
@@ -257,14 +259,17 @@ def _probe(args, overrides: dict) -> int:
     except ValueError as exc:  # "probe.<field>=<value> <why>"
         raise UserError(f"{exc}; see python -m tgdp.eval probe --help") from None
     device = _device(args.device)
+    check_writable(Path(args.out) if args.out else Path(args.ckpt).parent / "eval")   # before any compute
     train, cfg = _features(args.ckpt, args.data, overrides, device, weights=args.weights)
+    coverage = {"train": train.coverage}
     if args.val_data:
         val, _ = _features(args.ckpt, args.val_data, overrides, device, weights=args.weights)
+        coverage["val"] = val.coverage
     else:
         tr_idx, va_idx = stratified_split(train.labels, args.val_frac, settings.seed)
         train, val = _subset(train, tr_idx), _subset(train, va_idx)
     out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
-    res = run_probe(train, val, settings, out, device, extra={"ckpt": str(args.ckpt)})
+    res = run_probe(train, val, settings, out, device, extra={"ckpt": str(args.ckpt), "coverage": coverage})
     print(f"{res['metric']}: best {res['best']:.4f}, final {res['final']:.4f}; wrote {out / 'probe.json'}")
     return 0
 
