@@ -175,7 +175,10 @@ class Trainer:
         self.step = int(st["step"])
         self.source.source.load_state_dict(st["data"])
         self.state.skipped_total.fill_(float(st.get("skipped_steps", 0)))
-        self.skips_before = Counter(st.get("skipped_samples", {}))
+        if st["data"].get("kind") != "cached":
+            # streamed sources count a corrupt sample each epoch they meet it; the cache (data.cache_frames)
+            # decodes the split once per process, so this process has just counted its skips again
+            self.skips_before = Counter(st.get("skipped_samples", {}))
         self.skips = dict(self.skips_before)
         rngs = st["rng"]
         ck.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
