@@ -149,26 +149,26 @@ def test_corrupt_or_truncated_newest_checkpoints_fall_back_exactly(tmp_path, cap
     """The newest checkpoint is truncated and the one before has flipped bytes: resume names both,
     continues from the newest intact one, and the continued losses equal an uninterrupted run bit
     for bit (issue 11: the zip reader's error without the path, no fallback)."""
-    args = ["--train.steps", "6", "--train.ckpt_every", "2", "--train.keep_last", "3"]
+    args = ["--train.steps", "3", "--train.ckpt_every", "1", "--train.keep_last", "3"]
     train(small(tmp_path / "ref", *args), capsys)
     ref = {r["step"]: r["loss"] for r in read_rows(tmp_path / "ref" / "metrics.jsonl")}
     out = tmp_path / "run"
     train(small(out, *args), capsys)
     ck = out / "checkpoints"
-    truncated, flipped = ck / "step-00000006.pt", ck / "step-00000004.pt"
+    truncated, flipped = ck / "step-00000003.pt", ck / "step-00000002.pt"
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     flip(flipped, tensor_data_offset(flipped))
     code, stdout, _ = train(small(out, *args, "--train.resume", "true"), capsys)
     assert code == 0
     assert f"checkpoint {truncated} cannot be read" in stdout and f"checkpoint {flipped} is corrupt" in stdout
     assert stdout.count("trying the previous checkpoint") == 2
-    assert "resumed from step-00000002.pt at step 2" in stdout
+    assert "resumed from step-00000001.pt at step 1" in stdout
     got = {r["step"]: r["loss"] for r in read_rows(out / "metrics.jsonl")}
-    assert got == ref                                # steps 3..6 re-run exactly; no step logged twice
-    for step in (2, 4, 6):
+    assert got == ref                                # steps 2, 3 re-run exactly; no step logged twice
+    for step in (1, 2, 3):
         verify_checkpoint(ck / f"step-0000000{step}.pt")
     # the torn file had lost its seal, so it was not provably this run's: moved aside, not overwritten
-    assert (ck / "step-00000006.pt.displaced-1").stat().st_size < truncated.stat().st_size
+    assert (ck / "step-00000003.pt.displaced-1").stat().st_size < truncated.stat().st_size
 
 
 def test_no_intact_checkpoint_is_one_line(tmp_path, capsys):
@@ -228,10 +228,14 @@ def test_unwritable_out_dir_is_found_before_compute(tmp_path, capsys, no_compute
     assert list(out.iterdir()) == []
 
 
-def test_out_dir_that_is_a_file_is_one_line_before_compute(tmp_path, capsys, no_compute):
+def test_out_dir_or_checkpoints_that_is_a_file_is_one_line_before_compute(tmp_path, capsys, no_compute):
     (tmp_path / "f").write_text("x")
     code, _, err = train(small(tmp_path / "f", "--train.steps", "2"), capsys)
     assert code == 2 and f"{tmp_path / 'f'} (or a parent) is a file" in one_error_line(err)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    code, _, err = train(small(tmp_path / "run", "--train.steps", "2"), capsys)
+    assert code == 2 and f"{tmp_path / 'run' / 'checkpoints'} (or a parent) is a file" in one_error_line(err)
 
 
 def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
