@@ -12,7 +12,8 @@ import torch
 from _train_helpers import SMALL_DICT, losses, run_train
 from tgdp.configs import apply_overrides, tiny
 from tgdp.training.distributed import DistInfo
-from tgdp.training.loop import METRICS, Trainer, draw_rec_masks, train_step
+from tgdp.training.loop import METRICS, draw_rec_masks, train_step
+from tgdp.training.trainer import Trainer
 from tgdp.training.sources import RandomSource
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

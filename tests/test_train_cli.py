@@ -17,10 +17,10 @@ def no_data(monkeypatch):
         raise AssertionError("data was touched / the run started before the config error")
     import tgdp.data.synthetic
     import tgdp.training.distributed
-    import tgdp.training.loop
+    import tgdp.training.trainer
     monkeypatch.setattr(tgdp.data.synthetic, "ensure_demo", forbid)
     monkeypatch.setattr(tgdp.training.distributed, "init_distributed", forbid)
-    monkeypatch.setattr(tgdp.training.loop, "Trainer", forbid)
+    monkeypatch.setattr(tgdp.training.trainer, "Trainer", forbid)
 
 
 @pytest.mark.parametrize("argv", [["--preset", "paper"], ["--preset", "tiny", "--train.steps", "5"],

@@ -86,6 +86,8 @@ DOCS = {
                          "(small sets such as the demo); 0 = stream the shards",
     "data.host_masks": "draw the reconstruction masks on the host while batches are assembled, so audio "
                        "padding is never visible (torch loader, cache and noise sources)",
+    "data.channels": "audio channel the shards were prepared with: first (the official rule) or mix (mean of "
+                     "all channels); must match python -m tgdp.prepare --channels",
     # train
     "train.steps": "optimizer steps of the run; 0 = epochs x samples / batch_size",
     "train.epochs": "passes over the training split when train.steps is 0",
@@ -106,7 +108,9 @@ DOCS = {
     "train.ckpt_every": "write a checkpoint every this many steps (and at the end)",
     "train.keep_last": "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
     "train.log_every": "log metrics every this many steps (the only host syncs of the loop)",
-    "train.resume": "continue exactly from out_dir/checkpoints/latest",
+    "train.resume": "continue the run in out_dir exactly, from its newest intact checkpoint",
+    "train.overwrite": "start a fresh run in an out_dir that holds another run's files, after moving them "
+                       "to out_dir/replaced/ (never deleted)",
     "train.init": "start from this checkpoint's weights: an official one, or tgdp's (e.g. from "
                   "python -m tgdp.convert import)",
     "train.model_impl": "student implementation: auto = the fast packed model where supported, "

@@ -1,5 +1,5 @@
 """Train with a validated config in this process: the checks before data, the data root, the
-start-up header, the :class:`~tgdp.training.loop.Trainer`, the loss plot.
+start-up header, the :class:`~tgdp.training.trainer.Trainer`, the loss plot.
 
 Shared by ``python -m tgdp.train`` (:mod:`tgdp.train`, the command line) and the demo job
 (:mod:`tgdp.training.demo`); both import this module and neither imports the other.
@@ -119,7 +119,7 @@ def train(cfg: Config, progress: bool = True, *, demo: bool = False, origin: Ori
     summary plus ``rank``, ``data_root`` and ``data_s`` (seconds spent making the data ready)."""
     from tgdp.training.distributed import init_distributed, shutdown
     from tgdp.training.header import model_lines, run_lines
-    from tgdp.training.loop import Trainer
+    from tgdp.training.trainer import Trainer
 
     check_before_data(cfg, demo)
     info = init_distributed(cfg)

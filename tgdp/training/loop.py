@@ -21,7 +21,7 @@ from tgdp.training.schedule import WarmupCosine
 from tgdp.training.sources import TrainBatch
 
 __all__ = ["METRICS", "fast_unsupported", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
-           "train_step", "total_steps", "Trainer"]
+           "train_step", "total_steps"]
 
 METRICS = ("loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con", "acc")
 
@@ -140,12 +140,3 @@ def total_steps(cfg: Config, root: str | None) -> int:
 
     n = read_manifest(root or cfg.data.root)["num_samples"]
     return max(1, int(cfg.train.epochs * n // cfg.train.batch_size))
-
-
-def __getattr__(name: str):
-    # The run (folder, resume, logging, checkpoints) lives in tgdp.training.trainer, which imports this
-    # module; ``from tgdp.training.loop import Trainer`` keeps working without an import circle.
-    if name == "Trainer":
-        from tgdp.training.trainer import Trainer
-        return Trainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
