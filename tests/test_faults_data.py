@@ -121,7 +121,7 @@ def test_shards_without_checksums_load_with_a_note(tmp_path, capsys):
     cfg = apply_overrides(tiny(), {"model.img_size": S, "data.loader": "torch", "data.num_workers": 0})
     ld = make_loader(cfg, "eval", root=str(tmp_path), batch_size=3)
     assert [i for b in ld for i in b.ids] == ["clip000", "clip001", "clip002"] and not ld.skipped
-    assert "carry no checksums" in capsys.readouterr().err
+    assert "carry no checksums" in capsys.readouterr().out
 
 
 def test_dali_stale_index_after_a_member_deletion_keeps_intact_samples(tmp_path):
@@ -182,6 +182,7 @@ def test_eval_output_folder_is_checked_before_compute(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(common, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
     (tmp_path / "file").write_text("x")
+    (tmp_path / "c.pt").write_bytes(b"never read")
     code, _, err = cli(eval_main, "tgdp.eval", ["retrieval", "--ckpt", str(tmp_path / "c.pt"), "--out",
                                                 str(tmp_path / "file" / "ev")], capsys)
     assert code == 2 and "is a file, a folder was expected" in one_error_line(err)

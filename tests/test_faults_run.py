@@ -160,7 +160,7 @@ def test_corrupt_or_truncated_newest_checkpoints_fall_back_exactly(tmp_path, cap
     flip(flipped, tensor_data_offset(flipped))
     code, stdout, _ = train(small(out, *args, "--train.resume", "true"), capsys)
     assert code == 0
-    assert f"checkpoint {truncated} cannot be read" in stdout and f"checkpoint {flipped} is corrupt" in stdout
+    assert f"checkpoint {truncated} is not a readable torch checkpoint" in stdout and f"checkpoint {flipped} is corrupt" in stdout
     assert stdout.count("trying the previous checkpoint") == 2
     assert "resumed from step-00000001.pt at step 1" in stdout
     got = {r["step"]: r["loss"] for r in read_rows(out / "metrics.jsonl")}
@@ -193,8 +193,8 @@ def test_eval_reports_a_corrupt_or_malicious_checkpoint_in_one_line(tmp_path, ca
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
     (tmp_path / "half.pt").write_bytes(good.read_bytes()[:500])
     from _faults import cli
-    for name, expect in (("c.pt", "is corrupt"), ("evil.pt", "could run arbitrary code"),
-                         ("half.pt", "cannot be read"), ("none.pt", "does not exist")):
+    for name, expect in (("c.pt", "is corrupt"), ("evil.pt", "refuses to load"),
+                         ("half.pt", "not a readable torch checkpoint"), ("none.pt", "does not exist")):
         code, _, err = cli(eval_main, "tgdp.eval", ["retrieval", "--ckpt", str(tmp_path / name), "--out",
                                                     str(tmp_path / "ev"), "--device", "cpu"], capsys)
         line = one_error_line(err)

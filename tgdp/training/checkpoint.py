@@ -166,7 +166,7 @@ def read_checkpoint(path: str | Path, map_location="cpu", *, require_seal: bool 
 
 def _load_failure(path, exc: Exception) -> str:
     # torch's own message advises weights_only=False (runs code from the file): never pass it on
-    found = re.search(r"unsupported global: GLOBAL (\S+)", str(exc), re.IGNORECASE)
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
     if found:
         return (f"checkpoint {path} holds a pickled {found.group(1)} object, which tgdp refuses to load "
                 "(unpickling objects can run arbitrary code); save only tensors and plain containers")
