@@ -1,10 +1,12 @@
 """Worker-side fault injection for the fault suite (imported inside spawned worker processes).
 
 ``poison``: a pool task that kills its own process (SIGKILL, as the OOM killer would) always or
-only the first time. :func:`sitecustomize_source`: a ``sitecustomize.py`` that, in every new
-interpreter started with it on ``PYTHONPATH``, wraps ``tgdp.prepare.decode_clip`` so clips named in
-``TGDP_FAULT_KILL`` kill their worker (``id`` always, ``id:once`` the first time only) and clips in
-``TGDP_FAULT_SLOW`` sleep first.
+only the first time. :func:`sitecustomize_dir`: a folder with a ``sitecustomize.py`` that, in every
+new interpreter started with it on ``PYTHONPATH``, wraps ``tgdp.data.clip_decode.decode_clip``
+before anything imports it (so ``tgdp.prepare`` binds the wrapper under any module name, including
+the ``__mp_main__`` of a worker of ``python -m tgdp.prepare``): clips named in ``TGDP_FAULT_KILL``
+kill their worker (``id`` always, ``id:once`` the first time only) and clips in ``TGDP_FAULT_SLOW``
+sleep first.
 """
 
 import os
@@ -26,8 +28,8 @@ import os
 if os.environ.get("TGDP_FAULT_KILL") or os.environ.get("TGDP_FAULT_SLOW"):
     import signal, time
     from pathlib import Path
-    import tgdp.prepare as _prep
-    _real = _prep.decode_clip
+    import tgdp.data.clip_decode as _cd
+    _real = _cd.decode_clip
     def _decode(item, **kw):
         for spec in filter(None, os.environ.get("TGDP_FAULT_KILL", "").split(",")):
             cid, _, once = spec.partition(":")
@@ -38,7 +40,7 @@ if os.environ.get("TGDP_FAULT_KILL") or os.environ.get("TGDP_FAULT_SLOW"):
         if item.id in os.environ.get("TGDP_FAULT_SLOW", "").split(","):
             time.sleep(60)
         return _real(item, **kw)
-    _prep.decode_clip = _decode
+    _cd.decode_clip = _decode
 '''
 
 
