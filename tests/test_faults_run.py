@@ -181,7 +181,7 @@ def test_no_intact_checkpoint_is_one_line(tmp_path, capsys):
     assert code == 2 and f"no intact checkpoint in {out / 'checkpoints'}" in line and "--train.overwrite true" in line
 
 
-def test_eval_reports_a_corrupt_or_malicious_checkpoint_in_one_line(tmp_path, capsys):
+def test_eval_and_convert_report_a_corrupt_or_malicious_checkpoint_in_one_line(tmp_path, capsys):
     from tgdp.eval.__main__ import main as eval_main
 
     good = write_checkpoint({"model": {"w": torch.randn(4096)}, "config": {}}, tmp_path / "c.pt", run_id="r")
@@ -200,6 +200,12 @@ def test_eval_reports_a_corrupt_or_malicious_checkpoint_in_one_line(tmp_path, ca
         line = one_error_line(err)
         assert code == 2 and str(tmp_path / name) in line and expect in line, line
         assert "weights_only" not in err
+    from tgdp.convert import main as convert_main
+    for direction in ("import", "export"):
+        code, _, err = cli(convert_main, "tgdp.convert", [direction, str(good), str(tmp_path / "out.pt")], capsys)
+        line = one_error_line(err)
+        assert code == 2 and f"checkpoint {good} is corrupt" in line, line
+        assert not (tmp_path / "out.pt").exists()
 
 
 # ----------------------------------------------------------------------------- writability first
