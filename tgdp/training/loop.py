@@ -109,9 +109,17 @@ def train_step(s: StepState, batch: TrainBatch, step: int) -> None:
     cfg, dev = s.cfg, s.info.device
     # data.host_masks: the source packed them on the host; else drawn on the device here
     masks_rec = batch.masks_rec if batch.masks_rec is not None else draw_rec_masks(cfg, step, s.info)
-    gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.train.seed, step, 1 + s.info.rank))
+    # The contrastive masks' draws (none for guide=distinct) are made here, outside a compiled
+    # forward: a torch.Generator inside it would be a graph break
+    gen = None
+    if s.method.noise_fields(rec=False):
+        gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.train.seed, step, 1 + s.info.rank))
+    noise = s.method.draw_noise(batch.audio.shape[0], dev, gen, rec=False)
+    # Packed layouts built once on the device (dict lookups after the first step), so a compiled
+    # forward reads their cu_seqlens as inputs instead of building them in the graph
+    s.method.prepare_layouts(batch.audio.shape[0], dev)
     with torch.autocast(dev.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
-        out = s.forward(batch.audio, batch.frames, gen, masks_rec=masks_rec)
+        out = s.forward(batch.audio, batch.frames, masks_rec=masks_rec, noise=noise)
     out.loss.backward()
     bad = ~torch.isfinite(out.loss.detach())
     if cfg.train.grad_clip > 0:
