@@ -88,3 +88,23 @@ def test_sees_backward_ops():
 
     with pytest.raises(HostSyncError), HostSyncGuard():
         (Bad.apply(w) * loss).sum().backward()
+
+
+def test_cpu_is_host_flags_only_device_reads_and_copies():
+    """With meta tensors standing in for device ones: host bookkeeping passes, device reads do not."""
+    host = torch.arange(4)
+    dev = torch.empty(4, device="meta")
+    with HostSyncGuard(cpu_is_host=True) as g:
+        host.tolist(), host.nonzero(), host[host > 1], int(host.max())   # host data: free
+        host.to("meta", non_blocking=True)                                # asynchronous upload
+        dev * 2
+    assert g.syncs == []
+    for fn in (lambda: host.to("meta"),                     # blocking upload
+               lambda: dev.nonzero(),                       # a device read (meta cannot run it at all)
+               lambda: dev.tolist()):
+        with HostSyncGuard(raise_on_sync=False, cpu_is_host=True) as g:
+            try:
+                fn()
+            except (NotImplementedError, RuntimeError):
+                pass                                        # meta has no data; the op was still seen
+        assert len(g.syncs) == 1, g.syncs

@@ -46,6 +46,7 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["HostSyncGuard", "HostSyncError", "SYNC_OPS", "cuda_sync_debug"]
 
@@ -113,7 +114,13 @@ class _PyReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in _PY_SYNCS and args and isinstance(args[0], torch.Tensor):
-            self.guard._found(_PY_SYNCS[name])
+            if self.guard._reads_device((args[0],), {}):
+                self.guard._found(_PY_SYNCS[name])
+            self.guard._quiet += 1     # the copy it makes underneath is the same sync: count it once
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                self.guard._quiet -= 1
         return func(*args, **(kwargs or {}))
 
 
@@ -124,13 +131,24 @@ class HostSyncGuard(TorchDispatchMode):
     False, only record. ``syncs``: names of the ops seen, in order (e.g.
     ``"aten._local_scalar_dense.default"``, ``"Tensor.tolist"``); ``len(syncs)`` counts them.
     Device-agnostic: ops are matched by name, so on a CPU it finds the syncs a GPU run would have.
+    cpu_is_host: treat CPU tensors as host data, so reading them is no sync (only reads of
+    non-CPU tensors and the copies count). For code that mixes host bookkeeping with device work
+    (data loaders, the prefetcher), run on a GPU or with meta tensors standing in for device ones.
     """
 
-    def __init__(self, raise_on_sync: bool = True):
+    def __init__(self, raise_on_sync: bool = True, *, cpu_is_host: bool = False):
         super().__init__()
         self.raise_on_sync = raise_on_sync
+        self.cpu_is_host = cpu_is_host
         self.syncs: list[str] = []
+        self._quiet = 0
         self._py = _PyReads(self)
+
+    def _reads_device(self, args, kwargs) -> bool:
+        if not self.cpu_is_host:
+            return True
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        return any(not _is_host(t.device) for t in tensors)
 
     def _found(self, what: str) -> None:
         self.syncs.append(what)
@@ -150,7 +168,9 @@ class HostSyncGuard(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name in SYNC_OPS or _copy_sync(name, args, kwargs) or _data_dependent(name, func._overloadname, args, kwargs):
+        reads = (name in SYNC_OPS or _data_dependent(name, func._overloadname, args, kwargs)) and \
+            self._reads_device(args, kwargs)
+        if not self._quiet and (reads or _copy_sync(name, args, kwargs)):
             self._found(str(func))
         return func(*args, **kwargs)
 
