@@ -79,12 +79,12 @@ class TGDP(nn.Module):
     def prepare_layouts(self, batch: int, device: torch.device | str) -> None:
         """Build the packed layouts of a ``batch``-row step before a compiled forward (fast model only;
         a no-op for the reference model, which has none). Cheap once built: dict lookups."""
-        prepare = getattr(self.student, "prepare_layouts", None)   # the teacher shares the cache
-        if prepare is not None:
-            mc, m = self.cfg.masking, self.cfg.model
-            rec, con = [(num_keep(m.num_patches_a, r), num_keep(m.num_patches_v, r))
-                        for r in (mc.rec_ratio, mc.con_ratio)]
-            prepare(batch, rec, con, device)
+        mc, m = self.cfg.masking, self.cfg.model
+        rec, con = [(num_keep(m.num_patches_a, r), num_keep(m.num_patches_v, r)) for r in (mc.rec_ratio, mc.con_ratio)]
+        for model in (self.student, self.teacher.module):
+            prepare = getattr(model, "prepare_layouts", None)
+            if prepare is not None:   # the second call finds the layouts cached: it resolves the backend
+                prepare(batch, rec, con, device)
 
     def noise_fields(self, rec: bool = True, con: bool = True) -> tuple[str, ...]:
         """The :class:`MaskNoise` fields a step needs, in drawing order (rec; then per modality the

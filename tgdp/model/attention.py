@@ -143,7 +143,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, *, scale
                          f"{tuple(v.shape)}")
     if q.shape[0] != meta.total:
         raise ValueError(f"packed length {q.shape[0]} != layout total {meta.total}")
-    if backend == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if backend == "flash" and _flash_runs(q):
         return _flash(q, k, v, meta, scale, return_lse)
     if backend not in ("flash", "sdpa", "math"):
         raise ValueError(f"backend={backend!r} must be 'flash', 'sdpa' or 'math'")
@@ -164,6 +164,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, *, scale
     if return_lse and len(lses) == len(meta.groups):
         lse_all = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
     return out, lse_all
+
+
+def _flash_runs(q: Tensor) -> bool:
+    """FlashAttention takes CUDA fp16/bf16 tensors only (a test may widen this for a CPU fake)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _lse_dtype(x: Tensor) -> torch.dtype:

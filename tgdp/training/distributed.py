@@ -180,4 +180,27 @@ def ema_update_(teacher: nn.Module, student: nn.Module, weight: torch.Tensor) ->
     s_loc = local_tensors(s_named[n] for n in names)
     if t_loc[0].dtype != s_loc[0].dtype:
         s_loc = [s.to(t.dtype) for s, t in zip(s_loc, t_loc)]
-    torch._foreach_lerp_(t_loc, s_loc, weight)
+    # Not torch._foreach_lerp_(t, s, weight): with a tensor weight it binds the Scalar overload,
+    # which reads the weight on the host (aten::item, a sync every step). The Tensor overloads of
+    # foreach mul/add keep it on the device: t += w * (s - t), lerp's formula for w < 0.5. The
+    # difference is a temporary, so it is made in chunks of at most _EMA_CHUNK elements.
+    for i, j in _chunks([t.numel() for t in t_loc], _EMA_CHUNK):
+        diff = torch._foreach_sub(s_loc[i:j], t_loc[i:j])
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(t_loc[i:j], diff)
+
+
+_EMA_CHUNK = 1 << 26   # elements of the EMA temporary (256 MB in fp32)
+
+
+def _chunks(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive [i, j) ranges of ``sizes`` each summing to at most ``limit`` (a larger item alone)."""
+    out, start, acc = [], 0, 0
+    for k, n in enumerate(sizes):
+        if acc and acc + n > limit:
+            out.append((start, k))
+            start, acc = k, 0
+        acc += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
