@@ -22,7 +22,8 @@ from tgdp.training.distributed import (DistInfo, all_reduce_, barrier, ema_updat
                                        wrap_student)
 from tgdp.training.logger import RunLogger, peak_flops
 from tgdp.training.schedule import WarmupCosine, lr_at
-from tgdp.training.sources import Prefetcher, TrainBatch, make_source
+from tgdp.training.prefetch import Prefetcher
+from tgdp.training.sources import TrainBatch, make_source
 
 __all__ = ["METRICS", "fast_unsupported", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
            "train_step", "Trainer"]
