@@ -25,32 +25,19 @@ from tgdp.training.schedule import WarmupCosine, lr_at
 from tgdp.training.prefetch import Prefetcher
 from tgdp.training.sources import TrainBatch, make_source
 
-__all__ = ["METRICS", "fast_unsupported", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
+__all__ = ["METRICS", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
            "train_step", "Trainer"]
 
 METRICS = ("loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con", "acc")
 
 
-def fast_unsupported(cfg: Config) -> str | None:
-    """Why the fast model cannot run this config (None if it can)."""
-    if cfg.train.dist == "fsdp2" and cfg.train.fsdp_bf16:
-        # FSDP2 casts parameters to bf16 but not the fp32 pos tables; the packed model applies its
-        # LayerNorms functionally to the resulting fp32 activations with bf16 weights, which fails
-        return "train.fsdp_bf16 with train.dist=fsdp2 (bf16 parameters meet fp32 activations in the packed LayerNorms)"
-    return None
-
-
 def build_method(cfg: Config, device: torch.device) -> nn.Module:
-    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast", or "auto" unless the run is
-    one the fast model does not support, see :func:`fast_unsupported`) or the reference (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs
-    reference 0.38-0.40 s/step)."""
+    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast" or "auto") or the reference
+    (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs reference 0.38-0.40 s/step)."""
     from tgdp.method import TGDP
     from tgdp.model import build_encoder
 
-    impl = cfg.train.model_impl
-    if impl == "auto" and fast_unsupported(cfg):
-        impl = "reference"
-    model = build_encoder(cfg.model, impl, device)
+    model = build_encoder(cfg.model, cfg.train.model_impl, device)
     # The input value check syncs with the device every step; the loop checks the loss instead.
     return TGDP(cfg, model=model, device=device, check_finite=False).to(device)
 
