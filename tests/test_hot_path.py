@@ -46,15 +46,29 @@ def test_ema_update_has_no_sync_and_is_the_lerp():
     t = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
     s = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
     before = [p.detach().clone() for p in t.parameters()]
-    w = torch.tensor(0.25)
+    want = [p.clone() for p in before]
+    torch._foreach_lerp_(want, [p.detach() for p in s.parameters()], 0.25)   # the former update
     with HostSyncGuard():                 # the foreach Scalar overload would read w (aten::item)
-        ema_update_(t, s, w)
-    for p0, pt, ps in zip(before, t.parameters(), s.parameters()):
-        torch.testing.assert_close(pt, torch.lerp(p0, ps, 0.25), rtol=0, atol=1e-7)
+        ema_update_(t, s, torch.tensor(0.25))
+    for pt, pw in zip(t.parameters(), want):
+        assert torch.equal(pt, pw)        # bitwise on the CPU: the demo's numbers do not move
     with HostSyncGuard():
         ema_update_(t, s, torch.tensor(0.0))           # a skipped step leaves the teacher as it is
-    for pt, p1 in zip(t.parameters(), [torch.lerp(p0, ps, 0.25) for p0, ps in zip(before, s.parameters())]):
-        torch.testing.assert_close(pt, p1, rtol=0, atol=1e-7)
+    assert all(torch.equal(pt, pw) for pt, pw in zip(t.parameters(), want))
+
+
+def test_ema_multi_tensor_form_used_on_cuda(monkeypatch):
+    """The CUDA form (foreach sub/mul/add with a device weight, chunked) is lerp within one rounding."""
+    from tgdp.training import distributed
+    monkeypatch.setattr(distributed, "_EMA_CHUNK", 50)     # several chunks
+    torch.manual_seed(1)
+    t = [torch.randn(7, 5), torch.randn(40), torch.randn(3, 30)]
+    s = [x + 0.1 * torch.randn_like(x) for x in t]
+    want = [torch.lerp(x, y, 0.01) for x, y in zip(t, s)]
+    with HostSyncGuard():
+        distributed._lerp_multi_tensor_(t, s, torch.tensor(0.01))
+    for x, y in zip(t, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=4e-7)
 
 
 def test_ema_chunks_cover_every_parameter_once():

@@ -202,9 +202,20 @@ def ema_update_(teacher: nn.Module, student: nn.Module, weight: torch.Tensor) ->
     if t_loc[0].dtype != s_loc[0].dtype:
         s_loc = [s.to(t.dtype) for s, t in zip(s_loc, t_loc)]
     # Not torch._foreach_lerp_(t, s, weight): with a tensor weight it binds the Scalar overload,
-    # which reads the weight on the host (aten::item, a sync every step). The Tensor overloads of
-    # foreach mul/add keep it on the device: t += w * (s - t), lerp's formula for w < 0.5. The
-    # difference is a temporary, so it is made in chunks of at most _EMA_CHUNK elements.
+    # which reads the weight on the host (aten::item, a sync every step).
+    if t_loc[0].is_cuda:
+        _lerp_multi_tensor_(t_loc, s_loc, weight)
+    else:
+        # one lerp per tensor with the device weight: bitwise what the Scalar overload computed
+        # (the CPU has no multi-tensor kernels to lose)
+        torch._foreach_lerp_(t_loc, s_loc, [weight] * len(t_loc))
+
+
+def _lerp_multi_tensor_(t_loc: list, s_loc: list, weight: torch.Tensor) -> None:
+    """t += w * (s - t) (lerp's formula for w < 0.5) with the Tensor overloads of foreach sub/mul/add,
+    which keep ``weight`` on the device and run as multi-tensor kernels on CUDA (a per-tensor lerp
+    list would be one launch per parameter). The difference is a temporary, made in chunks of at
+    most _EMA_CHUNK elements. Equal to lerp within one rounding of the product."""
     for i, j in _chunks([t.numel() for t in t_loc], _EMA_CHUNK):
         diff = torch._foreach_sub(s_loc[i:j], t_loc[i:j])
         torch._foreach_mul_(diff, weight)

@@ -21,10 +21,12 @@ fetched ahead, so a checkpoint resumes exactly.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import queue
 import threading
+import weakref
 
 import torch
 
@@ -161,6 +163,9 @@ class Prefetcher:
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="tgdp-prefetch", daemon=True)
         self._thread.start()
+        # stopped before the interpreter tears down (a daemon thread killed inside DALI or CUDA
+        # calls can crash the exit); a weak reference, so a finished Prefetcher is still collected
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     def close(self) -> None:
         """Stop the background thread (batches fetched ahead are dropped)."""
@@ -193,6 +198,12 @@ class Prefetcher:
                 if t.is_cuda:
                     t.record_stream(cur)  # allocated on the side stream, used on this one
         return b
+
+
+def _close_if_alive(ref) -> None:
+    p = ref()
+    if p is not None:
+        p.close()
 
 
 def _masks_to(pair: tuple[Masks, Masks] | None, device: torch.device, non_blocking: bool = False):
