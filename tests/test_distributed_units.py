@@ -8,7 +8,6 @@ import torch.distributed as dist
 from _train_helpers import SMALL_DICT
 from tgdp.configs import apply_overrides, tiny
 from tgdp.model import FastCAVMAESync
-from tgdp.reference.model import CAVMAESync
 from tgdp.training.distributed import FORWARD_METHODS, DistInfo, _fsdp_shard, unused_parameters
 from tgdp.training.loop import build_method, draw_rec_masks
 from tgdp.training.sources import RandomSource

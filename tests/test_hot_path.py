@@ -3,7 +3,6 @@ recompilation in the compiled forward, layouts cached on the device (issue 10, g
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
 
 from _train_helpers import SMALL_DICT
 from tgdp.configs import apply_overrides, tiny

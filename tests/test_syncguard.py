@@ -108,3 +108,11 @@ def test_cpu_is_host_flags_only_device_reads_and_copies():
             except (NotImplementedError, RuntimeError):
                 pass                                        # meta has no data; the op was still seen
         assert len(g.syncs) == 1, g.syncs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message; on a GPU it runs")
+def test_cuda_sync_debug_says_it_needs_cuda():
+    from tgdp.syncguard import cuda_sync_debug
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        with cuda_sync_debug():
+            pass

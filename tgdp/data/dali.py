@@ -54,7 +54,8 @@ from tgdp.data.batch import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_ge
 from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames, to_device
 from tgdp.data.windows import audio_windows, window_starts
 
-__all__ = ["dali_available", "default_threads", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
+__all__ = ["dali_available", "default_threads", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel",
+           "dali_logmel_numpy"]
 
 PREFETCH = 2  # DALI prefetch_queue_depth: batches that can be in flight past the last one delivered
 
