@@ -43,7 +43,6 @@ def no_data(monkeypatch):
     (["--masking.rec_ratio", "1.0"], "masking.rec_ratio"),
     (["--masking.con_ratio", "-0.1"], "masking.con_ratio"),
     (["--train.steps", "0", "--data.root", "random"], "train.steps"),
-    (["--train.model_impl", "fast", "--train.dist", "fsdp2", "--train.fsdp_bf16", "true"], "train.model_impl"),
 ])
 def test_bad_config_fails_before_data(no_data, capsys, args, field):
     from tgdp.train import main

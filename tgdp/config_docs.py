@@ -70,7 +70,7 @@ DOCS = {
                  "a noise source for tests; required unless --demo",
     "data.demo_dir": "where --demo generates (once) and finds the embedded demo set",
     "data.loader": "shard reader: auto = DALI when importable and on CUDA, else the torch loader",
-    "data.num_workers": "loader worker processes (DALI: threads)",
+    "data.num_workers": "torch loader worker processes",
     "data.frames_per_clip": "frames stored per clip; training draws one per step, retrieval uses all",
     "data.sample_rate": "audio sample rate in Hz the clips are decoded at",
     "data.fbank_frames": "fbank frames kept per clip (padded or cut) before the windows are taken",
@@ -88,6 +88,8 @@ DOCS = {
                        "padding is never visible (torch loader, cache and noise sources)",
     "data.channels": "audio channel the shards were prepared with: first (the official rule) or mix (mean of "
                      "all channels); must match python -m tgdp.prepare --channels",
+    "data.dali_threads": "CPU threads of the DALI pipeline per rank (DALI decodes FLAC on the CPU only); "
+                         "0 = the CPUs this process may use / ranks per node, at least 2",
     # train
     "train.steps": "optimizer steps of the run; 0 = epochs x samples / batch_size",
     "train.epochs": "passes over the training split when train.steps is 0",

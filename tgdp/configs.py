@@ -189,11 +189,15 @@ class DataConfig:
     # Audio channel kept by tgdp.prepare: "first" (the official rule) or "mix" (mean of all channels).
     # The shards record the rule; training and eval refuse shards prepared with the other one.
     channels: Literal["first", "mix"] = "first"
+    # CPU threads of the DALI pipeline per rank (DALI decodes FLAC on the CPU only); 0 = auto: the
+    # CPUs this process may use / ranks per node (tgdp.data.dali.default_threads), at least 2
+    dali_threads: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.frames_per_clip >= 1, f"{prefix}.frames_per_clip", self.frames_per_clip, "must be >= 1")
         _check(self.sample_rate > 0, f"{prefix}.sample_rate", self.sample_rate, "must be > 0")
         _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
+        _check(self.dali_threads >= 0, f"{prefix}.dali_threads", self.dali_threads, "must be >= 0 (0 = auto)")
         _check(self.fbank_std > 0, f"{prefix}.fbank_std", self.fbank_std, "must be > 0")
         _check(0 <= self.eval_frame < self.frames_per_clip, f"{prefix}.eval_frame", self.eval_frame,
                f"must be in [0, frames_per_clip={self.frames_per_clip})")

@@ -335,7 +335,7 @@ def make_loader(cfg, mode: str = "train", rank: int = 0, world_size: int = 1, *,
         from tgdp.data.dali import DaliLoader
         loader = DaliLoader(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
                             batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                            num_threads=max(1, workers), device=device, frame=frame, shuffle=shuffle,
+                            num_threads=d.dali_threads or None, device=device, frame=frame, shuffle=shuffle,
                             drop_last=drop_last, patch_size=cfg.model.patch_size)
     else:
         ds = ShardDataset(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,

@@ -30,12 +30,8 @@ def check_before_data(cfg: Config, demo: bool = False) -> None:
     """Checks that need more than one config section, and the data folder's manifest; run before any
     data is read or a process group is created."""
     from tgdp.training.distributed import check_world
-    from tgdp.training.loop import fast_unsupported
 
     check_world(cfg)
-    why = fast_unsupported(cfg)
-    if cfg.train.model_impl == "fast" and why:
-        raise ConfigError(f"train.model_impl='fast' is not supported with {why}; use 'reference' or 'auto'")
     if cfg.data.root == "random" and cfg.train.steps <= 0:
         raise ConfigError("train.steps=0 with data.root='random': the noise source has no epochs; "
                           "set train.steps")

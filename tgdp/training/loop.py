@@ -20,32 +20,19 @@ from tgdp.training.distributed import DistInfo, all_reduce_, ema_update_
 from tgdp.training.schedule import WarmupCosine
 from tgdp.training.sources import TrainBatch
 
-__all__ = ["METRICS", "fast_unsupported", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
+__all__ = ["METRICS", "build_method", "build_optimizer", "step_seed", "draw_rec_masks", "StepState",
            "train_step", "total_steps"]
 
 METRICS = ("loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con", "acc")
 
 
-def fast_unsupported(cfg: Config) -> str | None:
-    """Why the fast model cannot run this config (None if it can)."""
-    if cfg.train.dist == "fsdp2" and cfg.train.fsdp_bf16:
-        # FSDP2 casts parameters to bf16 but not the fp32 pos tables; the packed model applies its
-        # LayerNorms functionally to the resulting fp32 activations with bf16 weights, which fails
-        return "train.fsdp_bf16 with train.dist=fsdp2 (bf16 parameters meet fp32 activations in the packed LayerNorms)"
-    return None
-
-
 def build_method(cfg: Config, device: torch.device) -> nn.Module:
-    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast", or "auto" unless the run is
-    one the fast model does not support, see :func:`fast_unsupported`) or the reference (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs
-    reference 0.38-0.40 s/step)."""
+    """``tgdp.method.TGDP`` on the fast model (``train.model_impl`` "fast" or "auto") or the reference
+    (measured on the tiny preset, CPU, batch 32: fast 0.31-0.34 s/step vs reference 0.38-0.40 s/step)."""
     from tgdp.method import TGDP
     from tgdp.model import build_encoder
 
-    impl = cfg.train.model_impl
-    if impl == "auto" and fast_unsupported(cfg):
-        impl = "reference"
-    model = build_encoder(cfg.model, impl, device)
+    model = build_encoder(cfg.model, cfg.train.model_impl, device)
     # The input value check syncs with the device every step; the loop checks the loss instead.
     return TGDP(cfg, model=model, device=device, check_finite=False).to(device)
 
@@ -105,9 +92,17 @@ def train_step(s: StepState, batch: TrainBatch, step: int) -> None:
     cfg, dev = s.cfg, s.info.device
     # data.host_masks: the source packed them on the host; else drawn on the device here
     masks_rec = batch.masks_rec if batch.masks_rec is not None else draw_rec_masks(cfg, step, s.info)
-    gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.train.seed, step, 1 + s.info.rank))
+    # The contrastive masks' draws (none for guide=distinct) are made here, outside a compiled
+    # forward: a torch.Generator inside it would be a graph break
+    gen = None
+    if s.method.noise_fields(rec=False):
+        gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.train.seed, step, 1 + s.info.rank))
+    noise = s.method.draw_noise(batch.audio.shape[0], dev, gen, rec=False)
+    # Packed layouts built once on the device (dict lookups after the first step), so a compiled
+    # forward reads their cu_seqlens as inputs instead of building them in the graph
+    s.method.prepare_layouts(batch.audio.shape[0], dev)
     with torch.autocast(dev.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
-        out = s.forward(batch.audio, batch.frames, gen, masks_rec=masks_rec)
+        out = s.forward(batch.audio, batch.frames, masks_rec=masks_rec, noise=noise)
     out.loss.backward()
     bad = ~torch.isfinite(out.loss.detach())
     if cfg.train.grad_clip > 0:

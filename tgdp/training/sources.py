@@ -1,4 +1,4 @@
-"""Training data sources with a resumable position, and the CUDA prefetcher.
+"""Training data sources with a resumable position (moved to the device by :mod:`tgdp.training.prefetch`).
 
 ``data.root = "random"`` is a synthetic noise source for tests and benchmarks: global sample ``g``
 is a deterministic random ``(audio [T, F], frames [3, S, S])`` pair drawn from a generator seeded by
@@ -24,7 +24,8 @@ import torch
 from tgdp.configs import Config
 from tgdp.masking import Masks
 
-__all__ = ["TrainBatch", "HostMasks", "host_rec_masks", "RandomSource", "LoaderSource", "CachedSource", "Prefetcher", "make_source", "RANDOM_ROOT"]
+__all__ = ["TrainBatch", "HostMasks", "host_rec_masks", "RandomSource", "LoaderSource", "CachedSource", "make_source",
+           "RANDOM_ROOT"]
 
 RANDOM_ROOT = "random"
 
@@ -34,13 +35,15 @@ class TrainBatch:
     """audio: [b, T, F] float32; frames: [b, 3, S, S] float32 (this rank's rows of the global batch).
 
     masks_rec: (audio, video) reconstruction :class:`Masks` of these rows (``data.host_masks``), else
-    None; ``masks_event``: CUDA event the prefetcher records after copying them (frees the host slot).
+    None; ``masks_event``: CUDA event the prefetcher records after copying them (frees the host slot);
+    ``ready``: CUDA event recorded after the prefetcher's copies of this batch (the step waits on it).
     """
 
     audio: torch.Tensor
     frames: torch.Tensor
     masks_rec: tuple[Masks, Masks] | None = None
     masks_event: object = None
+    ready: object = None
 
 
 class HostMasks:
@@ -320,55 +323,3 @@ def make_source(cfg: Config, rank: int = 0, world_size: int = 1, root: str | Non
     if cfg.data.cache_frames > 0:
         return CachedSource(cfg, rank, world_size, root=root)
     return LoaderSource(cfg, rank, world_size, root=root)
-
-
-class Prefetcher:
-    """Yields batches on ``device``; on CUDA the next batch is pinned and copied on a side stream while
-    the current step runs (the main stream waits on an event, never the host). Elsewhere a plain move."""
-
-    def __init__(self, source, device: torch.device):
-        self.source, self.device = source, device
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._next: TrainBatch | None = None
-        self._pos_before_next: dict | None = None  # source position not counting the prefetched batch
-
-    def state_dict(self) -> dict:
-        """Position of the batches handed out so far (the prefetched one is not consumed yet)."""
-        return self._pos_before_next if self._next is not None else self.source.state_dict()
-
-    def _fetch(self) -> TrainBatch:
-        self._pos_before_next = self.source.state_dict()
-        return self._copy(self.source.next())
-
-    def _copy(self, b: TrainBatch) -> TrainBatch:
-        with torch.cuda.stream(self._stream):
-            out = TrainBatch(b.audio.pin_memory().to(self.device, non_blocking=True),
-                             b.frames.pin_memory().to(self.device, non_blocking=True),
-                             _masks_to(b.masks_rec, self.device, non_blocking=True))
-            if b.masks_event is not None:
-                b.masks_event.record(self._stream)   # the host slot may be rewritten once this passes
-            return out
-
-    def next(self) -> TrainBatch:
-        if not self.cuda:
-            b = self.source.next()
-            return TrainBatch(b.audio.to(self.device), b.frames.to(self.device),
-                              _masks_to(b.masks_rec, self.device))
-        if self._next is None:
-            self._next = self._fetch()
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        cur = self._next
-        extra = [t for m in (cur.masks_rec or ()) for t in (m.ids_keep, m.ids_restore, m.mask)]
-        for t in (cur.audio, cur.frames, *extra):
-            t.record_stream(torch.cuda.current_stream(self.device))  # keep memory alive for this stream
-        self._next = self._fetch()
-        return cur
-
-
-def _masks_to(pair: tuple[Masks, Masks] | None, device: torch.device, non_blocking: bool = False):
-    if pair is None:
-        return None
-    return tuple(Masks(m.ids_keep.to(device, non_blocking=non_blocking),
-                       m.ids_restore.to(device, non_blocking=non_blocking),
-                       m.mask.to(device, non_blocking=non_blocking)) for m in pair)

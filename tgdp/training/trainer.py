@@ -36,7 +36,8 @@ from tgdp.training.distributed import (DistInfo, all_reduce_, barrier, local_ten
 from tgdp.training.logger import RunLogger, peak_flops
 from tgdp.training.loop import METRICS, StepState, build_method, build_optimizer, total_steps, train_step
 from tgdp.training.schedule import WarmupCosine, lr_at
-from tgdp.training.sources import Prefetcher, make_source
+from tgdp.training.prefetch import Prefetcher
+from tgdp.training.sources import make_source
 
 __all__ = ["Trainer", "TrainingDiverged", "params_nonfinite", "check_data_size"]
 
