@@ -1,4 +1,4 @@
-"""tgdp.roofline: the per-op counter against hand-counted FLOPs and bytes (meta device, no compute)."""
+"""tgdp.opcount + tgdp.roofline: the per-op counter against hand-counted FLOPs and bytes (meta device)."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tgdp.configs import tiny
 from tgdp.flops import count_step_flops
 from tgdp.model.attention import SegmentGroup, VarlenMeta
-from tgdp.roofline import OP_CLASSES, MetaAutocast, OpCounter, count_train_step, counting_standins
+from tgdp.opcount import OP_CLASSES, MetaAutocast, OpCounter
+from tgdp.roofline import count_train_step, counting_standins
 
 F32, BF16 = 4, 2
 
