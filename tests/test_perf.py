@@ -93,6 +93,8 @@ def test_report_tables_sum_and_bound_the_step():
         assert row["step_s"]["fused"] == pytest.approx(sum(c["fused_s"] for c in cls.values()))
         assert row["step_s"]["fused"] < row["step_s"]["eager"]
         assert cls["memory"]["fused_bytes"] < cls["memory"]["bytes"]
+        sizes = [t["bytes"] for t in row["top_ops"]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] <= sum(c["bytes"] for c in cls.values())
         total = sum(c["flops"] for c in cls.values())
         assert row["flops_per_sample"] == pytest.approx(total / int(b))
         assert row["mfu"]["eager"] == pytest.approx(total / (row["step_s"]["eager"] * H100_BF16_PEAK))
@@ -110,6 +112,7 @@ def test_cli_prints_the_projection(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "PROJECTION" in out and "batch 4 per GPU" in out and "on 8 GPUs" in out and "Design target" in out
+    assert "most bytes (eager): " in out
     for cls in ("matmul", "attention", "fused", "memory", "optimizer", "total"):
         assert f"  {cls} " in out
     assert main([*args, "--json", "--eff", "matmul=0.5,0.9"]) == 0

@@ -137,6 +137,7 @@ def report(cfg: Config, batches=(64, 256), gpus=(1, 8), pairs: int = AS2M_PAIRS,
     """The projection for each per-GPU batch (dict, JSON-ready)."""
     from tgdp.roofline import count_train_step
 
+    _check_eff({**EFFICIENCY, **(eff or {})})      # before the (slower) count
     out = {"preset": cfg.preset, "kind": "projection from counted FLOPs and bytes, not a measurement",
            "hardware": {"name": "H100 SXM", "peak_bf16_flops": H100_BF16_PEAK, "hbm_bytes_per_s": H100_HBM_BW,
                         "allreduce_busbw": ALLREDUCE_BUSBW},
@@ -148,7 +149,9 @@ def report(cfg: Config, batches=(64, 256), gpus=(1, 8), pairs: int = AS2M_PAIRS,
         r = roofline(info["calls"], count.fused_memory_bytes, count.fused_memory_kernels, eff=eff, floor_s=floor_s)
         ar = {g: allreduce_seconds(info["grad_bytes"], g) for g in gpus}
         exposed = {g: max(0.0, ar[g] - r["backward_s"]) for g in gpus}
+        top = sorted(count.by_op.items(), key=lambda kv: -kv[1][2])[:8]
         row = {"flops_per_sample": r["flops"] / b, "grad_bytes": info["grad_bytes"],
+               "top_ops": [{"op": k, "calls": v[0], "flops": v[1], "bytes": v[2]} for k, v in top],
                "classes": r["classes"], "step_s": {"eager": r["eager_s"], "fused": r["fused_s"]},
                "mfu": {k: r["flops"] / (r[f"{k}_s"] * H100_BF16_PEAK) for k in ("eager", "fused")},
                "allreduce_s": {str(g): ar[g] for g in gpus}, "allreduce_exposed_s": {str(g): exposed[g] for g in gpus},
@@ -176,9 +179,11 @@ def format_report(r: dict) -> str:
     hw = r["hardware"]
     lines = [f"PROJECTION (not a measurement): {r['preset']} preset, fast model, one training step per GPU "
              f"(teacher fwd + student fwd/bwd + Adam(W) + EMA), counted per op on the meta device;",
-             f"{hw['name']}: {hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 dense, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
-             f"HBM; t_op = max(FLOPs / (peak x e_c), bytes / (BW x e_m), {r['kernel_floor_s'] * 1e6:.0f} us).",
-             "eager = every aten op its own kernel; fused = memory-bound ops perfectly fused (torch.compile's best case)."]
+             f"{hw['name']}: {hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 dense, "
+             f"{hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM; t_op = max(FLOPs / (peak x e_c), bytes / (BW x e_m), "
+             f"{r['kernel_floor_s'] * 1e6:.0f} us).",
+             "eager = every aten op its own kernel; fused = memory-bound ops perfectly fused "
+             "(torch.compile's best case)."]
     for b, row in r["batches"].items():
         lines.append("")
         lines.append(f"batch {b} per GPU: {row['flops_per_sample'] / 1e9:.2f} GFLOP per sample")
@@ -193,8 +198,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  {'total':10s} {tot['kernels']:7d} {tot['flops'] / 1e9:9.1f} {tot['bytes'] / 1e9:8.2f} "
                      f"{'':5s} {'':5s} {'':8s} {row['step_s']['eager'] * 1e3:9.2f} {tot['fused_bytes'] / 1e9:9.2f} "
                      f"{row['step_s']['fused'] * 1e3:9.2f}")
-        lines.append(f"  step {row['step_s']['eager'] * 1e3:.1f} ms eager / {row['step_s']['fused'] * 1e3:.1f} ms fused "
-                     f"-> MFU {row['mfu']['eager']:.1%} / {row['mfu']['fused']:.1%}")
+        lines.append("  most bytes (eager): " + ", ".join(
+            f"{t['op'].split(':')[1]} {t['bytes'] / 1e9:.1f} GB ({t['calls']}x)" for t in row["top_ops"][:6]))
+        lines.append(f"  step {row['step_s']['eager'] * 1e3:.1f} ms eager / {row['step_s']['fused'] * 1e3:.1f} ms "
+                     f"fused -> MFU {row['mfu']['eager']:.1%} / {row['mfu']['fused']:.1%}")
         for g, s in row["allreduce_s"].items():
             if float(s) > 0:
                 lines.append(f"  {g} GPUs: gradient all-reduce {float(s) * 1e3:.1f} ms per step, "

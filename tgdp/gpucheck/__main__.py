@@ -69,23 +69,28 @@ def _child_env(smoke: bool) -> dict:
 
 
 def _run_step(check, ctx_file: Path, result_path: Path, log: Path, limit: float, env: dict) -> dict:
-    """Run one step process; kill its whole process group at the limit (DALI threads, compile workers)."""
+    """Run one step process in its own process group; at the limit, or when it is done, end that group
+    (the step's DALI threads and compile workers with it)."""
     t0 = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "tgdp.gpucheck.child", check.module, str(ctx_file)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        timed_out = False
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
+            timed_out = True
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait()
     wall = time.monotonic() - t0
     try:
         res = json.loads(result_path.read_text())
     except (OSError, ValueError):
         res = {"status": "running", "phase": "start"}
     if res.get("status") == "running":
-        timed_out = wall >= limit
         phase = res.get("phase", "?")
         res = {"status": "timeout" if timed_out else "error",
                "summary": (f"over its {limit:.0f} s limit while in phase '{phase}'" if timed_out else

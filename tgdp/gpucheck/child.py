@@ -39,4 +39,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is on disk: skip interpreter teardown (DALI threads, compile worker pools), which
+    # must not be able to hang the step past its limit.
+    os._exit(code)
