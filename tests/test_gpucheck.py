@@ -71,6 +71,14 @@ def test_budget_skips_what_cannot_start_and_the_report_says_why(tmp_path):
     assert "needs shards" in rep["steps"]["data"]["summary"]
 
 
+def test_a_step_whose_input_was_not_selected_is_skipped_with_the_reason(tmp_path):
+    p = _cli("--cpu-smoke", "--only", "data", "--out", str(tmp_path / "r"), "--shards", str(tmp_path / "none"))
+    assert p.returncode == 1
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(rep["steps"]) == ["data"] and rep["steps"]["data"]["status"] == "skip"
+    assert "not selected" in rep["steps"]["data"]["summary"]
+
+
 def test_step_environment_handles_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("TGDP_FORCE_TRITON", "1")

@@ -100,13 +100,25 @@ def _run_step(check, ctx_file: Path, result_path: Path, log: Path, limit: float,
     return res
 
 
+def _unmet(check, report: dict, only: list[str], shards: Path) -> list[str]:
+    """Why a step cannot run: a step it needs failed, or was not selected and left nothing cached."""
+    out = []
+    for need in check.needs:
+        if need in only:
+            if report["steps"].get(need, {}).get("status") != "pass":
+                out.append(f"needs {need}, which did not pass")
+        elif not (shards / "stamp.json").exists():
+            out.append(f"needs {need}: not selected, and {shards} holds none")
+    return out
+
+
 def _line(name: str, res: dict) -> str:
     wall = f"{res['wall_s']:6.1f} s" if "wall_s" in res else " " * 8
     return f"{res['status'].upper():7s} {name:8s} {wall}  {res.get('summary', '')}"
 
 
 def main(argv: list[str]) -> int:
-    from tgdp.atomic import atomic_write_json
+    from tgdp.atomic import atomic_write_json, atomic_write_text
     from tgdp.gpucheck.common import Context
 
     ap = argparse.ArgumentParser(prog="python -m tgdp.gpucheck", allow_abbrev=False,
@@ -126,7 +138,7 @@ def main(argv: list[str]) -> int:
     names = [c.name for c in CHECKS]
     only = names if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in names]
-    if bad:
+    if bad or not only:
         raise UserError(f"--only {args.only!r}: unknown step(s) {bad}; choose from {names}")
     limits = _parse_limits(args.limit)
     budget = args.budget if args.budget is not None else BUDGET_S[mode]
@@ -154,17 +166,16 @@ def main(argv: list[str]) -> int:
             continue
         left = budget - (time.monotonic() - t0)
         limit = min(limits.get(check.name, check.limit_s), left)
-        missing = [n for n in check.needs if report["steps"].get(n, {}).get("status") != "pass"
-                   and not (n == "shards" and n not in only and (shards / "stamp.json").exists())]
-        if missing:
-            res = {"status": "skip", "summary": f"needs {', '.join(missing)}, which did not pass"}
+        unmet = _unmet(check, report, only, shards)
+        if unmet:
+            res = {"status": "skip", "summary": "; ".join(unmet)}
         elif left < MIN_START_S[mode]:
             res = {"status": "skip", "summary": f"no time left: {left:.0f} s of the {budget:.0f} s budget"}
         else:
             ctx = Context(mode, out.resolve(), shards.resolve(), PROFILES[mode][check.name],
                           (out / f"{check.name}.json").resolve())
             ctx_file = out / f"{check.name}.context.json"
-            ctx_file.write_text(ctx.to_json())
+            atomic_write_text(ctx_file, ctx.to_json())
             res = _run_step(check, ctx_file, ctx.result_path, out / f"{check.name}.log", limit, env)
             res["log"] = str(out / f"{check.name}.log")
         res.update(limit_s=round(limit, 1), estimate_s=check.estimate_s)
