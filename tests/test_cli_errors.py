@@ -104,7 +104,7 @@ COMMANDS = [
             bad_value=lambda e: ["--preset", "tiny", "--batch", "0"]),
     Command("tgdp.perf", lambda e: ["--preset", "tiny", *SMALL_ARGS],
             config=lambda e: ["--preset", "tiny", *SMALL_ARGS],
-            bad_value=lambda e: ["--preset", "tiny", "--mfu", "2"]),
+            bad_value=lambda e: ["--preset", "tiny", "--eff", "matmul=2,0.8"]),
     Command("tgdp.data.synthetic", lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "1", "--workers", "0"],
             out=lambda e, p: ["--out", p, "--n", "1", "--n-val", "1", "--workers", "0", "--no-progress"],
             bad_value=lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "0"]),

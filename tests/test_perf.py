@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from tgdp.cli import run
 from tgdp.configs import apply_overrides, tiny
 from tgdp.perf import (ALLREDUCE_BUSBW, AS2M_PAIRS, H100_BF16_PEAK, H100_HBM_BW, KERNEL_FLOOR_S, allreduce_seconds,
                        epoch_seconds, main, report, roofline, train_flops_per_sample, verdict)
@@ -123,10 +122,11 @@ def test_cli_prints_the_projection(capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--eff", "nope=1,1"], "--eff 'nope=1,1'"),
     (["--eff", "matmul=2,0.8"], "matmul compute=2.0"),
+    (["--eff", "memory=-,"], "the memory efficiency is needed"),
     (["--batch", "0"], "--batch [0]"),
     (["--masking.rec_ratio", "1.5"], "masking.rec_ratio"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, needle):
-    assert run("tgdp.perf", main, ["--preset", "tiny", *argv]) == 2
+    assert main(["--preset", "tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tgdp.perf: error: ") and needle in err and err.count("\n") == 1

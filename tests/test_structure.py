@@ -16,7 +16,7 @@ import pytest
 from _train_helpers import REPO, env
 
 COMMANDS = ["tgdp.train", "tgdp.eval", "tgdp.convert", "tgdp.prepare", "tgdp.flops", "tgdp.perf",
-            "tgdp.data.synthetic"]
+            "tgdp.data.synthetic", "tgdp.gpucheck"]
 HEAVY = ("torch", "numpy", "matplotlib", "av", "PIL", "tensorboard", "triton", "nvidia")
 
 
@@ -132,7 +132,7 @@ def _parsers(cmd: str, monkeypatch) -> list[argparse.ArgumentParser]:
         raise SystemExit(0)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
-    module = importlib.import_module(cmd + (".__main__" if cmd == "tgdp.eval" else ""))
+    module = importlib.import_module(cmd + (".__main__" if cmd in ("tgdp.eval", "tgdp.gpucheck") else ""))
     with pytest.raises(SystemExit):
         module.main(["x"])
     monkeypatch.undo()

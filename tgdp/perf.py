@@ -242,29 +242,36 @@ def _parse_eff(items: list[str]) -> dict:
             ec, em = (None if v in ("", "-") else float(v) for v in vals.split(","))
         except ValueError:
             raise UserError(f"--eff {item!r}: COMPUTE,MEMORY must be two numbers (compute '-' for none)") from None
+        if em is None:
+            raise UserError(f"--eff {item!r}: the memory efficiency is needed (every class moves bytes)")
         out[cls] = (ec, em)
+    try:
+        _check_eff(out)
+    except ValueError as exc:
+        raise UserError(f"--eff: {exc}") from None
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tgdp.cli import UserError
+def _main(argv: list[str]) -> int:
+    from tgdp.cli import UserError, parser
 
-    ap = argparse.ArgumentParser(prog="python -m tgdp.perf", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--config", default=None, help="TOML file applied on top of the preset")
-    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="samples per GPU (default: 64 256)")
-    ap.add_argument("--pairs", type=int, default=AS2M_PAIRS, help=f"pairs per epoch (default {AS2M_PAIRS:,})")
-    ap.add_argument("--eff", action="append", default=[], metavar="CLASS=COMPUTE,MEMORY",
-                    help="override an assumed efficiency, e.g. matmul=0.6,0.8")
+    ap = parser("tgdp.perf", __doc__.split("\n\n")[0],
+                epilog="Any other --section.field VALUE overrides the config (python -m tgdp.train "
+                       "--print-config lists the fields). The efficiencies and what they assume: tgdp/perf.py.")
+    ap.add_argument("--preset", default="paper", help="config preset: paper | tiny")
+    ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="samples per GPU, one table each")
+    ap.add_argument("--pairs", type=int, default=AS2M_PAIRS, help="pairs per epoch (AS-2M as the paper used it)")
+    ap.add_argument("--eff", action="append", default=None, metavar="CLASS=COMPUTE,MEMORY",
+                    help="override an assumed efficiency, e.g. matmul=0.6,0.8 (compute '-' for none)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args, rest = ap.parse_known_args(argv)
     if any(b < 1 for b in args.batch) or args.pairs < 1:
         raise UserError(f"--batch {args.batch} and --pairs {args.pairs} must be >= 1")
+    eff = _parse_eff(args.eff or [])
     cfg = load(args.preset, args.config, rest)
-    try:
-        r = report(cfg, tuple(args.batch), pairs=args.pairs, eff=_parse_eff(args.eff))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    r = report(cfg, tuple(args.batch), pairs=args.pairs, eff=eff)
     r["paper_epoch_mfu"] = paper_mfu(cfg, args.pairs) if cfg.preset == "paper" else None
     if args.json:
         print(json.dumps(r, indent=2))
@@ -276,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.perf``: expected errors are one line and exit status 2."""
     from tgdp.cli import run
 
-    sys.exit(run("tgdp.perf", main))
+    return run("tgdp.perf", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``python -m tgdp.gpucheck [--out DIR] [--shards DIR] [--only a,b] [--limit STEP=S] [--cpu-smoke]``.
+"""Validate the GPU paths on one H100/H200 in at most 8 minutes: compiled Triton kernels, the fast model
+in bf16, DALI on the GPU, a timed 30-step paper() run; one pass/fail line per step and a JSON report.
 
 Runs the steps of :mod:`tgdp.gpucheck` one after another, each as ``python -m tgdp.gpucheck.child``
 with its own time limit inside the total budget, prints one ``PASS``/``FAIL``/``ERROR``/``TIMEOUT``/
@@ -8,7 +9,6 @@ Exit status: 0 when every selected step passed, 1 otherwise, 2 for a usage error
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from tgdp.cli import UserError, run
+from tgdp.cli import UserError, parser, run
 from tgdp.gpucheck.plan import BUDGET_S, CHECKS, MIN_START_S, PROFILES
 
 PROG = "tgdp.gpucheck"
@@ -117,22 +117,23 @@ def _line(name: str, res: dict) -> str:
     return f"{res['status'].upper():7s} {name:8s} {wall}  {res.get('summary', '')}"
 
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     from tgdp.atomic import atomic_write_json, atomic_write_text
     from tgdp.gpucheck.common import Context
 
-    ap = argparse.ArgumentParser(prog="python -m tgdp.gpucheck", allow_abbrev=False,
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None, help="report folder (default: runs/gpucheck/<time>); must be new")
-    ap.add_argument("--shards", default=None,
+    ap = parser(PROG, __doc__.split("\n\n")[0], epilog="What each step checks and its time budget: "
+                "tgdp/gpucheck/__init__.py and tgdp/gpucheck/plan.py.")
+    ap.add_argument("--out", default=None, metavar="DIR", help="report folder (default: runs/gpucheck/<time>); must be new")
+    ap.add_argument("--shards", default=None, metavar="DIR",
                     help="shard cache: <dir>/train and <dir>/val are generated once and reused "
                          "(default: ~/.cache/tgdp/gpucheck/<mode>)")
-    ap.add_argument("--only", default=None, help=f"comma-separated steps (default: all of {[c.name for c in CHECKS]})")
-    ap.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="change one step's limit")
-    ap.add_argument("--budget", type=float, default=None, help="total seconds (default: 480 on a GPU)")
+    ap.add_argument("--only", default=None, metavar="STEPS", help=f"comma-separated steps (default: all of {[c.name for c in CHECKS]})")
+    ap.add_argument("--limit", action="append", default=None, metavar="STEP=SECONDS", help="change one step's limit")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="total seconds (default: 480 on a GPU)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="testing: run every step on the CPU at tiny shapes (Triton interpreter, SDPA, DALI CPU "
                          "operators, eager) to prove this command works; proves nothing about a GPU")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     args = ap.parse_args(argv)
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
     names = [c.name for c in CHECKS]
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     bad = [s for s in only if s not in names]
     if bad or not only:
         raise UserError(f"--only {args.only!r}: unknown step(s) {bad}; choose from {names}")
-    limits = _parse_limits(args.limit)
+    limits = _parse_limits(args.limit or [])
     budget = args.budget if args.budget is not None else BUDGET_S[mode]
     if budget <= 0:
         raise UserError(f"--budget {budget} must be > 0 seconds")
@@ -156,7 +157,7 @@ def main(argv: list[str]) -> int:
     if interpret not in ("", "0") and mode == "gpu":
         print(f"note: TRITON_INTERPRET={interpret} is not passed to the steps: it would run the Triton kernels "
               f"in the CPU interpreter and the compiled GPU kernels would go untested", flush=True)
-    report = {"command": "python -m tgdp.gpucheck " + " ".join(argv), "mode": mode, "device": device,
+    report = {"command": " ".join(["python -m tgdp.gpucheck", *argv]), "mode": mode, "device": device,
               "python": sys.version.split()[0], "budget_s": budget, "out": str(out), "shards": str(shards),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}}
     env = _child_env(args.cpu_smoke)
@@ -192,5 +193,10 @@ def main(argv: list[str]) -> int:
     return 0 if passed else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.gpucheck``: expected errors are one line and exit status 2."""
+    return run(PROG, _main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(PROG, main))
+    sys.exit(main())
