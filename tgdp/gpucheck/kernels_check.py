@@ -132,7 +132,7 @@ def run(ctx: Context) -> dict:
 
     if not ops.triton_available():
         return result(False, "triton is not importable: pip install -e '.[triton]'")
-    import kernels
+    import tgdp.kernels as kernels
 
     if kernels.INTERPRET != ctx.smoke:
         return result(False, f"Triton interpreter active={kernels.INTERPRET} in mode {ctx.mode}: "
