@@ -1,6 +1,6 @@
 """gpucheck step "train": a short ``paper()`` run exactly as ``tgdp.train`` sets it up, timed.
 
-:class:`tgdp.training.loop.Trainer` builds the run (fast model, fused Adam(W), ``torch.compile`` with
+:class:`tgdp.training.trainer.Trainer` builds the run (fast model, fused Adam(W), ``torch.compile`` with
 CUDA graphs, the DALI loader on the generated shards with host-packed reconstruction masks, the
 prefetcher); this step then drives :func:`tgdp.training.loop.train_step` itself to time it:
 
@@ -46,7 +46,8 @@ def run(ctx: Context) -> dict:
     from tgdp.syncguard import HostSyncGuard, cuda_sync_debug
     from tgdp.training.distributed import init_distributed
     from tgdp.training.logger import peak_flops
-    from tgdp.training.loop import METRICS, Trainer, train_step
+    from tgdp.training.loop import METRICS, train_step
+    from tgdp.training.trainer import Trainer
 
     s = ctx.settings
     cfg = _config(ctx)
