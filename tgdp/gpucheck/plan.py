@@ -29,7 +29,7 @@ train     200 s     240 s  30 steps x 64 samples x 320 GFLOP = 615 TFLOP: ~3 s a
 
 Sum of the limits: 480 s = 8 minutes. A step that would start with less than ``MIN_START_S``
 left is skipped with that reason; ``--limit STEP=SECONDS`` changes one limit and ``--budget`` the
-total. ``cpu-smoke`` runs the same code at tiny shapes (34 s of CPU time in all).
+total. ``cpu-smoke`` runs the same code at tiny shapes (28 s of CPU time in all).
 """
 
 from __future__ import annotations
