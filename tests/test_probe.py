@@ -370,7 +370,7 @@ def test_run_probe_writes_json(tmp_path):
     assert disk["settings"]["head"] == "official" and disk["chosen"] == "weight average of epochs 1-2"
 
 
-def _cli(tmp_path, *extra, labels=None, n=8):
+def _cli(tmp_path, *extra, labels=None, n=8, status=0):
     from test_retrieval import real_checkpoint, write_shards
 
     from tgdp.eval.__main__ import main
@@ -379,8 +379,8 @@ def _cli(tmp_path, *extra, labels=None, n=8):
     write_shards(tmp_path / "shards", n, labels=labels)
     argv = ["probe", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "shards"), "--eval-frac", "0.25",
             "--out", str(tmp_path / "eval"), "--device", "cpu", *extra]
-    assert main(argv) == 0
-    return json.loads((tmp_path / "eval" / "probe.json").read_text())
+    assert main(argv) == status
+    return json.loads((tmp_path / "eval" / "probe.json").read_text()) if status == 0 else None
 
 
 def test_cli_probe_with_real_model_and_loader(tmp_path, capsys):
@@ -405,13 +405,23 @@ def test_cli_probe_multilabel_toy_set(tmp_path):
     assert 0.0 < res["result"] <= 1.0
 
 
-def test_cli_probe_bad_config_names_the_field(tmp_path):
+def test_cli_probe_bad_config_names_the_field(tmp_path, capsys, monkeypatch):
+    """One line, exit 2, before the checkpoint's weights are read or any feature is computed."""
+    import tgdp.eval.common
+
+    def forbid(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the config error")
+
     toml = tmp_path / "bad.toml"
     toml.write_text("[train]\nlr = 0.1\n")
-    with pytest.raises(ConfigError, match=r"only a \[probe\] table"):
-        _cli(tmp_path, "--config", str(toml))
-    with pytest.raises(ConfigError, match=r"probe\.epoch"):
-        _cli(tmp_path, "--probe.epoch", "3")
+    _cli(tmp_path, "--config", str(toml), status=2)
+    assert "a probe config holds only a [probe] table, found ['train']" in capsys.readouterr().err
+    monkeypatch.setattr(tgdp.eval.common, "load_checkpoint", forbid)
+    _cli(tmp_path, "--probe.epoch", "3", status=2)
+    assert "tgdp.eval: error: config error: probe.epoch" in capsys.readouterr().err
+    _cli(tmp_path, "--head", "linear", status=2)
+    assert "probe.head='linear' is not a choice; must be one of ['official', 'tokens']" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "probe.json").exists()
 
 
 def test_cli_probe_on_a_small_demo_set(tmp_path):

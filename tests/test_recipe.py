@@ -231,7 +231,8 @@ def test_training_loop_with_the_paper_recipe_skips_a_non_finite_step(tmp_path):
     """train_step with paper()'s optimizer and loss settings (Adam + L2, CLS trained by reconstruction,
     eq. 6): a NaN loss leaves student, teacher and Adam state untouched; the next step trains."""
     from test_train import CPU, _snapshot, small_cfg
-    from tgdp.training.loop import Trainer, train_step
+    from tgdp.training.loop import train_step
+    from tgdp.training.trainer import Trainer
 
     p = paper()
     over = {"train.optimizer": p.train.optimizer, "loss.dis_normalize": p.loss.dis_normalize,

@@ -313,12 +313,12 @@ class ProbeConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         _check(0 <= self.warmup_epochs < self.epochs, f"{prefix}.warmup_epochs", self.warmup_epochs,
                f"must be in [0, epochs={self.epochs})")
-        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for name in ("min_lr_ratio", "mixup"):
+            _check(0 <= getattr(self, name) <= 1, f"{prefix}.{name}", getattr(self, name), "must be in [0, 1]")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.mixup_beta > 0, f"{prefix}.mixup_beta", self.mixup_beta, "must be > 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
                self.betas, "must be two values in [0, 1)")
-        _check(0 <= self.mixup <= 1, f"{prefix}.mixup", self.mixup, "must be in [0, 1]")
-        _check(self.mixup_beta > 0, f"{prefix}.mixup_beta", self.mixup_beta, "must be > 0")
         _check(0 <= self.label_smooth < 1, f"{prefix}.label_smooth", self.label_smooth, "must be in [0, 1)")
         last = self.wa_end or self.epochs
         _check(not self.wa or self.wa_start <= last <= self.epochs, f"{prefix}.wa_start", self.wa_start,
@@ -351,13 +351,10 @@ class Config:
 # ----------------------------------------------------------------------------- presets
 
 def paper() -> Config:
-    """The published recipe: every value the paper, its supplement or the released code states;
-    the rest are the assumptions marked in the dataclasses (README "Presets" gives each source).
-
-    Geometry: the evaluated TG-DP model (ViT-B, 416-frame audio, CLS + 8 registers). Differs from
-    :func:`tgdp` in the optimizer (Adam + coupled L2), distillation (eq. 6, raw globals), the CLS
-    trained by reconstruction, the official audio window / padding and the random time shift.
-    """
+    """The published recipe on the evaluated model: every value the paper, its supplement or the
+    released code states, the marked assumptions elsewhere (README "Presets" gives each source).
+    Differs from :func:`tgdp` in the optimizer (Adam + L2), eq. 6 distillation, the CLS trained by
+    reconstruction, the official audio window / padding and the random time shift."""
     return Config(
         loss=LossConfig(dis_normalize=False, rec_grad_to_cls=True),
         # time_shift: Table 1 "Random Shift: Yes", amount unpublished (ASSUMPTION): 0.5 draws the
