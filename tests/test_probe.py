@@ -100,11 +100,13 @@ def official_forward(head: OfficialProbeHead, a, v):
         h = F.layer_norm(x, x.shape[-1:], blk.norm1.weight, blk.norm1.bias, 1e-5)
         b, n, w = h.shape
         nh = blk.attn.num_heads
-        q, k, val = (h @ blk.attn.qkv.weight.t() + blk.attn.qkv.bias).reshape(b, n, 3, nh, w // nh).permute(2, 0, 3, 1, 4)
+        qkv = (h @ blk.attn.qkv.weight.t() + blk.attn.qkv.bias).reshape(b, n, 3, nh, w // nh)
+        q, k, val = qkv.permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(w // nh), -1)
         x = x + ((att @ val).transpose(1, 2).reshape(b, n, w) @ blk.attn.proj.weight.t() + blk.attn.proj.bias)
         h = F.layer_norm(x, x.shape[-1:], blk.norm2.weight, blk.norm2.bias, 1e-5)
-        x = x + F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        hidden = F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        x = x + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
     x = F.layer_norm(x, x.shape[-1:], head.classifier_norm.weight, head.classifier_norm.bias, 1e-5)
     return x[:, 0] @ head.classifier_head.weight.t() + head.classifier_head.bias
 
