@@ -47,6 +47,7 @@ PUBLISHED = [
     ("loss.rec_grad_to_cls", True, "TGDP forward_encoder (CLS in the reconstruction pass, not detached)"),
     ("data.frames_per_clip", 16, "SUPP §1.2 (T = 16)"),
     ("data.sample_rate", 16000, "CAVMAE preprocess/extract_audio.py (ffmpeg -ar 16000)"),
+    ("data.channels", "first", "CAVMAE preprocess/extract_audio.py (sox remix 1: the first channel)"),
     ("data.fbank_frames", 1024, "TGDP dataloader_sync.py _wav2fbank (target_length = 1024)"),
     ("data.pad", "zero", "TGDP dataloader_sync.py _wav2fbank (ZeroPad2d)"),
     ("data.window", "official", "TGDP dataloader_sync.py map_frame_to_spectrogram"),
@@ -112,7 +113,7 @@ def test_every_recipe_field_is_published_or_an_assumption():
             and k.split(".")[1] in ("steps", "precision", "compile", "cuda_graphs", "dist", "fsdp_bf16", "seed",
                                     "out_dir", "ckpt_every", "keep_last", "log_every", "resume", "init",
                                     "model_impl", "root", "demo_dir", "loader", "num_workers", "eval_frame",
-                                    "shuffle_buffer", "cache_frames", "host_masks", "overwrite", "channels")}
+                                    "shuffle_buffer", "cache_frames", "host_masks", "overwrite", "dali_threads")}
     env |= {"teacher.momentum_end", "probe.modality", "probe.val_frac", "probe.seed"}
     covered = {p[0] for p in PUBLISHED} | ASSUMED | env
     assert set(flat(paper())) - covered == set(), "a recipe field lacks a source or an assumption"
