@@ -320,8 +320,9 @@ def test_per_row_metadata_and_frame_idx_checks():
 
 # ----------------------------------------------------------------------------- integration: real model + loader
 
-def write_shards(root, n: int, img: int = 32) -> list[str]:
-    """n tiny clips (1.2 s tone + 16 JPEGs) in one shard, labels alternating 'low'/'high'."""
+def write_shards(root, n: int, img: int = 32, labels=None) -> list[str]:
+    """n tiny clips (1.2 s tone + 16 JPEGs) in one shard, labels alternating 'low'/'high' (or
+    ``labels[i]``, a list of class names per clip)."""
     import io as _io
 
     import soundfile as sf
@@ -343,7 +344,8 @@ def write_shards(root, n: int, img: int = 32) -> list[str]:
                 im = _io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (img, img, 3), dtype=np.uint8)).save(im, "JPEG")
                 jpgs.append(im.getvalue())
-            md = {"id": key, "labels": ["low" if i % 2 == 0 else "high"], "duration": 1.2, "fps": 8.0,
+            lab = list(labels[i]) if labels is not None else ["low" if i % 2 == 0 else "high"]
+            md = {"id": key, "labels": lab, "duration": 1.2, "fps": 8.0,
                   "num_frames": 16, "frame_times": [f * 1.2 / 16 for f in range(16)], "sample_rate": sr,
                   "num_samples": len(wave), "silent": False, "source": f"{key}.mkv"}
             w.write(key, md, buf.getvalue(), jpgs)

@@ -228,8 +228,8 @@ def test_main_job_end_to_end(tmp_path):
     demo = Path(tiny().data.demo_dir).expanduser()
     ckpt = sorted((tmp_path / "runs" / "tiny" / "checkpoints").glob("step-*.pt"))[-1]
     p = subprocess.run([sys.executable, "-m", "tgdp.eval", "probe", "--ckpt", str(ckpt), "--data",
-                        str(demo / "train"), "--val-data", str(demo / "val"), "--out", str(tmp_path / "probe"),
+                        str(demo / "train"), "--eval-data", str(demo / "val"), "--out", str(tmp_path / "probe"),
                         "--epochs", "5"], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
-    assert probe["metric"] == "top1" and probe["final"] > 0.5, probe["final"]
+    assert probe["metric"] == "top1" and probe["result"] > 0.5, probe["result"]

@@ -17,10 +17,12 @@ SECTIONS = {
     "data": "shards, decoding, audio features and the training data source",
     "train": "optimisation, precision, parallelism, checkpoints and logging of a run",
     "eval": "zero-shot retrieval (python -m tgdp.eval retrieval, and the demo report)",
+    "probe": "the attention probe on frozen features (python -m tgdp.eval probe; supplement Table 1)",
 }
 
 DOCS = {
-    "preset": "the preset the other values start from (paper = the published recipe, tiny = CPU-sized)",
+    "preset": "the preset the other values start from (paper = the published recipe, tgdp = our improved "
+              "recipe, tiny = tgdp at CPU size)",
     # model
     "model.img_size": "video frame side in pixels (frames are resized and centre-cropped to it)",
     "model.patch_size": "side of the square patches of both modalities, in pixels / fbank bins",
@@ -45,10 +47,11 @@ DOCS = {
     "masking.con_ratio": "fraction of patches hidden in the contrastive view (chosen from the teacher scores)",
     "masking.guide": "how the contrastive view picks visible patches from the teacher scores "
                      "(distinct, gumbel sampling, or random = no guidance)",
-    "masking.gumbel_tau": "temperature applied to the scores before the Gumbel noise (guide = gumbel)",
+    "masking.gumbel_tau": "guide = gumbel: patches are drawn from softmax(raw scores / tau), the official prob mode",
     "masking.score_direction": "which teacher attention is the patch score: patch queries to the CLS key "
                                "(official) or the CLS query to patch keys",
-    "masking.renormalize_scores": "divide the scores by their sum over the patches",
+    "masking.renormalize_scores": "divide the scores by their sum over the patches (guide = distinct only, "
+                                  "where it cannot change the top-k)",
     "masking.official_compat": "reproduce the official bug: the teacher ranks positions of a randomly "
                                "shuffled sequence",
     # loss
@@ -97,8 +100,9 @@ DOCS = {
     "train.lr": "peak learning rate after warmup",
     "train.min_lr_ratio": "floor of the cosine decay as a fraction of lr",
     "train.warmup_frac": "fraction of all steps spent in linear warmup",
-    "train.weight_decay": "AdamW weight decay",
-    "train.betas": "AdamW (beta1, beta2); on the command line: --train.betas 0.9,0.95",
+    "train.weight_decay": "weight decay: added to the gradient (adam, coupled L2) or decoupled (adamw)",
+    "train.betas": "Adam (beta1, beta2); on the command line: --train.betas 0.9,0.95",
+    "train.optimizer": "adam = Adam with coupled L2 (the official scripts), adamw = decoupled decay; both fused",
     "train.grad_clip": "clip the gradient norm to this value; 0 = no clipping (official)",
     "train.precision": "auto = bf16 autocast on CUDA and fp32 on CPU, or force fp32 / bf16",
     "train.compile": "torch.compile the training forward and backward",
@@ -121,4 +125,30 @@ DOCS = {
     "eval.retrieval_videos": "videos evaluated in retrieval (at most; the first ones of the split)",
     "eval.batch_videos": "videos per retrieval batch (each brings all its frames)",
     "eval.chunk": "rows of the similarity matrix computed at once",
+    # probe
+    "probe.head": "official = the released CAVMAEFT head (concat of the pre-joint CLS per frame), "
+                  "tokens = our earlier head on the retrieval globals",
+    "probe.modality": "frozen features the probe reads: both, audio or video",
+    "probe.task": "multiclass (CE, top-1; VGGSound) or multilabel (BCE, mAP; AudioSet)",
+    "probe.epochs": "training epochs of the probe",
+    "probe.batch_size": "clips per probe batch",
+    "probe.lr": "peak learning rate of the probe",
+    "probe.warmup_epochs": "linear warmup (per step) before the cosine decay, in epochs",
+    "probe.min_lr_ratio": "floor of the cosine decay as a fraction of lr",
+    "probe.optimizer": "adam (coupled L2, the CAV-MAE fine-tuning code) or adamw",
+    "probe.weight_decay": "weight decay of the probe optimizer",
+    "probe.betas": "(beta1, beta2) of the probe optimizer",
+    "probe.class_balanced": "draw training clips with replacement, weighted by the inverse counts of their labels",
+    "probe.mixup": "probability of mixing a clip with a random training clip (features and targets)",
+    "probe.mixup_beta": "mixup weights lam ~ Beta(mixup_beta, mixup_beta)",
+    "probe.label_smooth": "label smoothing of the training targets",
+    "probe.wa": "report the average of the weights of epochs wa_start..wa_end",
+    "probe.wa_start": "first epoch (1-based) of the weight average",
+    "probe.wa_end": "last epoch of the weight average; 0 = the last epoch",
+    "probe.select": "the reported model: final (or its weight average), or val = the best on a split carved "
+                    "from the training clips; never chosen on the evaluation split",
+    "probe.val_frac": "share of the training clips carved off when select = val",
+    "probe.depth": "transformer blocks of the probe head",
+    "probe.num_heads": "attention heads of the probe head",
+    "probe.seed": "seed of the probe head, its sampling and the splits",
 }

@@ -69,13 +69,20 @@ def _uniform(b: int, n: int, generator: torch.Generator | None, noise: Tensor | 
     return torch.rand(b, n, generator=generator, device=device)
 
 
+GUMBEL_EPS = 1e-12   # the official get_patch2cls_rank's eps (probabilities and uniforms are clamped by it)
+
+
 def guided_masks(scores: Tensor, ratio: float, mode: str, generator: torch.Generator | None = None,
                  gumbel_tau: float = 1.0, *, noise: Tensor | None = None) -> Masks:
     """Teacher-guided masking of the contrastive path.
 
     scores: [B, N] teacher patch scores in patch-index (unshuffled) order.
-    mode "distinct": keep the top-k scores; "gumbel": top-k of log(softmax(scores / tau)) + Gumbel
-    noise (sampling k patches without replacement proportionally to softmax(scores / tau));
+    mode "distinct": keep the top-k scores (the paper's deterministic selection; invariant to a
+    positive per-row scale, so renormalised scores select the same patches);
+    "gumbel": the official ``prob`` mode (``get_patch2cls_rank``) on the RAW head-mean scores ``s``:
+    ``p = softmax(s / max(tau, eps))``, ``u ~ U[0, 1)`` clamped to ``[eps, 1 - eps]``, keep the top-k
+    of ``log(max(p, eps)) - log(-log(u))`` (k patches sampled without replacement in proportion to
+    ``p``); the caller must pass raw scores, as a row scale changes ``p``;
     "random": ignore the scores.
     noise: [B, N] U[0, 1) draws to use instead of drawing from ``generator`` (gumbel, random).
     """
@@ -84,9 +91,9 @@ def guided_masks(scores: Tensor, ratio: float, mode: str, generator: torch.Gener
     if mode == "distinct":
         return _from_scores(scores, k)
     if mode == "gumbel":
-        logp = torch.log_softmax(scores.float() / gumbel_tau, dim=1)
-        u = _uniform(b, n, generator, noise, scores.device).clamp(1e-12, 1 - 1e-12)
-        return _from_scores(logp - torch.log(-torch.log(u)), k)
+        probs = torch.softmax(scores.float() / max(gumbel_tau, GUMBEL_EPS), dim=1)
+        u = _uniform(b, n, generator, noise, scores.device).clamp(GUMBEL_EPS, 1 - GUMBEL_EPS)
+        return _from_scores(torch.log(probs.clamp(min=GUMBEL_EPS)) - torch.log(-torch.log(u)), k)
     if mode == "random":
         return uniform_masks(_uniform(b, n, generator, noise, scores.device), ratio)
     raise ValueError(f"guide mode={mode!r} must be 'distinct', 'gumbel' or 'random'")

@@ -164,7 +164,10 @@ class TGDP(nn.Module):
             with torch.no_grad():
                 teacher = self.teacher.module.teacher_forward(
                     audio, frames, direction=cfg.masking.score_direction,
-                    renormalize=cfg.masking.renormalize_scores, schedule=schedule)
+                    # the Gumbel guide samples from softmax(raw scores), as the official prob mode;
+                    # top-k ("distinct") is invariant to the renormalisation
+                    renormalize=cfg.masking.renormalize_scores and cfg.masking.guide == "distinct",
+                    schedule=schedule)
         if need_rec or need_con:
             rec, con = self.make_masks(noise, teacher, rec=need_rec, con=need_con)
             masks_rec = masks_rec if masks_rec is not None else rec

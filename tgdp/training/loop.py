@@ -38,13 +38,19 @@ def build_method(cfg: Config, device: torch.device) -> nn.Module:
 
 
 def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the trainable student parameters (pos-embed tables are buffers, not params).
+    """``train.optimizer`` over the trainable student parameters (pos-embed tables are buffers):
+    "adam" = torch Adam, whose weight decay is added to the gradient (coupled L2, as the official
+    CAV-MAE / Sync scripts: Adam, weight_decay 5e-7); "adamw" = decoupled decay.
 
-    fused=True on every device: besides speed on CUDA, the fused kernel honours ``found_inf`` so a
-    non-finite step is skipped on device (CPU fused AdamW exists since torch 2.4)."""
+    fused=True on every device: besides speed on CUDA, the fused kernels (Adam and AdamW, CPU since
+    torch 2.4) honour ``found_inf``, so ``train_step`` skips a non-finite step on device; the
+    for-each and single-tensor paths would reject ``found_inf``."""
     t = cfg.train
     params = [p for p in student.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if t.optimizer not in kinds:
+        raise ValueError(f"train.optimizer={t.optimizer!r} must be one of {sorted(kinds)}")
+    return kinds[t.optimizer](params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=True)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
