@@ -25,7 +25,7 @@ from typing import Any
 from tgdp.cli import UserError
 from tgdp.training.checkpoint import CheckpointManager
 
-__all__ = ["RUN_FILES", "new_run_id", "run_files", "claim", "config_diff", "flatten"]
+__all__ = ["RUN_FILES", "new_run_id", "run_files", "free_folder", "claim", "config_diff", "flatten"]
 
 # What a tgdp run writes into its out_dir (the demo's report files included).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.csv", "summary.json", "tb", "loss_curves.png",
@@ -48,6 +48,17 @@ def run_files(out: Path) -> list[str]:
         elif p.exists():
             found.append(name)
     return found
+
+
+def free_folder(out: Path) -> Path:
+    """``out`` if it holds no run files, else the first of ``out-2``, ``out-3``, … that holds none
+    (the main job's default folder: a second ``python -m tgdp.train`` writes next to the first run,
+    never into it)."""
+    cand, n = out, 1
+    while run_files(cand):
+        n += 1
+        cand = out.with_name(f"{out.name}-{n}")
+    return cand
 
 
 def _previous_run(out: Path, ckpt: CheckpointManager) -> str | None:
