@@ -59,7 +59,7 @@ setup(
     description="Fast, tested TG-DP audio-visual pretraining (CAV-MAE Sync backbone)",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # The repository's kernels/ folder is the subpackage tgdp.kernels (never a top-level `kernels`).
     # A source checkout reaches it through the symlink tgdp/kernels; installs map it here.
     packages=[*find_packages(include=["tgdp", "tgdp.*"], exclude=["tgdp.kernels", "tgdp.kernels.*"]),

@@ -13,7 +13,8 @@ from tgdp.configs import apply_overrides, paper, tiny
 from tgdp.perf import train_flops_per_sample
 from tgdp.training.distributed import DistInfo
 from tgdp.training.logger import peak_flops
-from tgdp.training.loop import Trainer, train_step
+from tgdp.training.loop import train_step
+from tgdp.training.trainer import Trainer
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

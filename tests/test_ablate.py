@@ -199,7 +199,7 @@ def test_toy_study_ci_against_the_written_formula(study):
 
 
 def test_toy_study_resume_skips_and_continues(study, corpus, monkeypatch, capsys):
-    import tgdp.training.loop as loop
+    import tgdp.training.trainer as loop   # where Trainer looks train_step up
 
     results = sorted(study.glob("runs/*/seed-*/result.json"))
     assert len(results) == 4

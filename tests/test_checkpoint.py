@@ -24,44 +24,47 @@ def _state(step: int, n: int = 16) -> dict:
 
 
 def test_save_load_keep_last_and_latest(tmp_path):
-    mgr = CheckpointManager(tmp_path, keep_last=2)
+    mgr = CheckpointManager(tmp_path, keep_last=2, run_id="r1")
     assert mgr.latest() is None
     for s in (1, 2, 3):
         mgr.save(_state(s), s)
     assert [p.name for p in mgr.checkpoints()] == ["step-00000002.pt", "step-00000003.pt"]
-    assert (tmp_path / "latest").read_text().strip() == "step-00000003.pt"
+    assert (tmp_path / "latest").read_text().split()[:2] == ["step-00000003.pt", "run=r1"]
     assert CheckpointManager.load(mgr.latest())["step"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_latest_falls_back_to_newest_file(tmp_path):
-    mgr = CheckpointManager(tmp_path, keep_last=5)
+    mgr = CheckpointManager(tmp_path, keep_last=5, run_id="r1")
     mgr.save(_state(4), 4)
     (tmp_path / "latest").unlink()
     assert mgr.latest().name == "step-00000004.pt"
 
 
 def test_crash_during_write_leaves_old_state(tmp_path, monkeypatch):
-    mgr = CheckpointManager(tmp_path, keep_last=3)
+    mgr = CheckpointManager(tmp_path, keep_last=3, run_id="r1")
     mgr.save(_state(1), 1)
 
     def boom(src, dst):
         raise OSError("simulated crash before the rename")
 
     monkeypatch.setattr(atomic.os, "replace", boom)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OSError, match="simulated") as err:
         mgr.save(_state(2), 2)
     monkeypatch.undo()
+    assert err.value.filename == str(tmp_path / "step-00000002.pt")         # names the file, not the temporary
     assert [p.name for p in mgr.checkpoints()] == ["step-00000001.pt"]
     assert mgr.latest().name == "step-00000001.pt"
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]   # the torn temporary ...
-    mgr2 = CheckpointManager(tmp_path, keep_last=3)                          # ... is removed on open
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]   # the failed write cleaned up
+    # a writer killed before its rename (no cleanup ran) leaves a temporary: removed when a manager opens
+    (tmp_path / ".tmp-step-00000002.pt.999.tmp").write_bytes(b"torn")
+    mgr2 = CheckpointManager(tmp_path, keep_last=3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert CheckpointManager.load(mgr2.latest())["step"] == 1
 
 
 def test_load_rejects_foreign_file(tmp_path):
-    atomic_torch_save({"model": {}}, tmp_path / "x.pt")
+    atomic_torch_save({"model": {}, "config": {}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="'teacher'"):
         CheckpointManager.load(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="keep_last"):
@@ -79,7 +82,7 @@ def test_rng_state_roundtrip():
 _WRITER = textwrap.dedent("""
     import sys, torch
     from tgdp.training.checkpoint import CheckpointManager
-    mgr = CheckpointManager(sys.argv[1], keep_last=2)
+    mgr = CheckpointManager(sys.argv[1], keep_last=2, run_id="r1")
     step = 0
     while True:
         step += 1

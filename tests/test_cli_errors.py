@@ -110,7 +110,7 @@ COMMANDS = [
             bad_value=lambda e: ["--preset", "tiny", "--batch", "0"]),
     Command("tgdp.perf", lambda e: ["--preset", "tiny", *SMALL_ARGS],
             config=lambda e: ["--preset", "tiny", *SMALL_ARGS],
-            bad_value=lambda e: ["--preset", "tiny", "--mfu", "2"]),
+            bad_value=lambda e: ["--preset", "tiny", "--eff", "matmul=2,0.8"]),
     Command("tgdp.ablate", lambda e: _ab(e), "tgdp.ablate.__main__",
             config=lambda e: _ab(e),
             data=lambda e, p: _ab(e, data=p),

@@ -18,7 +18,8 @@ from tgdp.data.fbank import LOG_FLOOR
 from tgdp.data.loader import ShardDataset, valid_time_columns
 from tgdp.masking import num_keep
 from tgdp.training.distributed import DistInfo
-from tgdp.training.loop import Trainer, train_step
+from tgdp.training.loop import train_step
+from tgdp.training.trainer import Trainer
 from tgdp.training.sources import CachedSource, HostMasks, LoaderSource, RandomSource, TrainBatch, host_rec_masks
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

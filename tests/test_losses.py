@@ -77,24 +77,41 @@ def test_distill_does_not_train_the_teacher():
     assert s.grad is not None and t.grad is None
 
 
+MODES = [(sym, gather) for sym in (True, False) for gather in (True, False)]
+
+
 def _worker(rank, world, init_file, a, v, out):
+    import tgdp.losses as losses_mod
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        real, calls = losses_mod.gather_with_grad, []
+
+        def counting(x):
+            calls.append(x.shape)
+            return real(x)
+
+        losses_mod.gather_with_grad = counting
         b = a.shape[0] // world
-        la = a[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        lv = v[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        loss, acc = info_nce(la, lv, temperature=0.1, symmetric=True, gather=True)
-        (loss / world).backward()   # DDP-style: every rank's loss averaged over ranks
-        out[rank] = (loss.detach(), acc.detach(), la.grad, lv.grad)
+        for sym, gather in MODES:
+            calls.clear()
+            la = a[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+            lv = v[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+            loss, acc = info_nce(la, lv, temperature=0.1, symmetric=sym, gather=gather)
+            (loss / world).backward()   # DDP-style: every rank's loss averaged over ranks
+            out[(rank, sym, gather)] = (loss.detach(), acc.detach(), la.grad, lv.grad, len(calls))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_all_gather_equals_the_full_batch_loss_and_gradients(tmp_path):
-    """2 gloo ranks with half the batch each == one process with the whole batch (loss and grads)."""
+    """2 gloo ranks with half the batch each, per direction (symmetric / video->audio) and with or
+    without gather: with gather == one process with the whole batch (loss and grads), and only the
+    keys the direction uses are gathered (audio for video->audio; audio and video when symmetric);
+    without gather == each rank's own local loss, and nothing is gathered."""
     g = torch.Generator().manual_seed(0)
     a, v = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    world = 2
+    world, b = 2, 3
     with mp.Manager() as manager:
         out = manager.dict()
         # spawn, not fork: forking a process whose torch thread pools are live can deadlock.
@@ -106,12 +123,29 @@ def test_all_gather_equals_the_full_batch_loss_and_gradients(tmp_path):
                     p.terminate()
                 pytest.fail("distributed InfoNCE ranks did not finish within 120 s")
         res = dict(out)
-    fa, fv = a.clone().requires_grad_(True), v.clone().requires_grad_(True)
-    full, full_acc = info_nce(fa, fv, temperature=0.1, symmetric=True, gather=True)
-    full.backward()
-    mean_loss = sum(res[r][0] for r in range(world)) / world
-    mean_acc = sum(res[r][1] for r in range(world)) / world
-    assert torch.allclose(mean_loss, full, atol=1e-6) and torch.allclose(mean_acc, full_acc)
-    ga = torch.cat([res[r][2] for r in range(world)])
-    gv = torch.cat([res[r][3] for r in range(world)])
-    assert torch.allclose(ga, fa.grad, atol=1e-6) and torch.allclose(gv, fv.grad, atol=1e-6)
+    for sym, gather in MODES:
+        got = [res[(r, sym, gather)] for r in range(world)]
+        assert [x[4] for x in got] == [(2 if sym else 1) if gather else 0] * world, (sym, gather)
+        ga, gv = torch.cat([x[2] for x in got]), torch.cat([x[3] for x in got])
+        if gather:
+            fa, fv = a.clone().requires_grad_(True), v.clone().requires_grad_(True)
+            full, full_acc = info_nce(fa, fv, temperature=0.1, symmetric=sym, gather=gather)
+            full.backward()
+            mean_loss = sum(x[0] for x in got) / world
+            mean_acc = sum(x[1] for x in got) / world
+            assert torch.allclose(mean_loss, full, atol=1e-6) and torch.allclose(mean_acc, full_acc)
+            want_a, want_v = fa.grad, fv.grad
+        else:
+            want_a, want_v = [], []
+            for r in range(world):
+                la = a[r * b:(r + 1) * b].clone().requires_grad_(True)
+                lv = v[r * b:(r + 1) * b].clone().requires_grad_(True)
+                local, _ = info_nce(la, lv, temperature=0.1, symmetric=sym, gather=False)
+                assert torch.allclose(got[r][0], local, atol=1e-6)
+                (local / world).backward()
+                want_a.append(la.grad)
+                want_v.append(lv.grad)
+            want_a, want_v = torch.cat(want_a), torch.cat(want_v)
+        assert torch.allclose(ga, want_a, atol=1e-6) and torch.allclose(gv, want_v, atol=1e-6), (sym, gather)
+    # the directions really differ (the comparison above is not between equal numbers)
+    assert not torch.allclose(res[(0, True, True)][0], res[(0, False, True)][0])

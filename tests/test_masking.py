@@ -95,6 +95,38 @@ def test_gumbel_follows_sharp_scores_and_random_ignores_them():
     assert set(r.ids_keep[0].tolist()) != set(range(10, 60))
 
 
+def official_prob_ranks(s: torch.Tensor, u: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """TG-DP get_patch2cls_rank(mode='prob') written out with the uniforms ``u`` given: probs = softmax
+    of the raw scores / max(tau, 1e-12); g = -log(-log(clamp(u, 1e-12, 1 - 1e-12)));
+    ranks = argsort(log(clamp(probs, min=1e-12)) + g, descending)."""
+    eps = 1e-12
+    probs = torch.exp(s / max(tau, eps)) / torch.exp(s / max(tau, eps)).sum(1, keepdim=True)
+    g = -torch.log(-torch.log(u.clamp(eps, 1 - eps)))
+    return torch.argsort(torch.log(probs.clamp(min=eps)) + g, dim=1, descending=True)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.05])
+def test_gumbel_is_the_official_prob_mode(tau):
+    n, k = 208, 104
+    g = torch.Generator().manual_seed(5)
+    raw = torch.rand(3, n, generator=g) * 0.02                  # patch->CLS attention values, as the teacher's
+    m = guided_masks(raw, 0.5, "gumbel", torch.Generator().manual_seed(11), gumbel_tau=tau)
+    u = torch.rand(3, n, generator=torch.Generator().manual_seed(11))   # the same draws
+    assert torch.equal(m.ids_keep, official_prob_ranks(raw, u, tau)[:, :k])
+    _check_consistent(m, n, k)
+    # the raw scale matters: renormalising the row (x ~50 here) sharpens the distribution
+    renorm = guided_masks(raw / raw.sum(1, keepdim=True), 0.5, "gumbel", torch.Generator().manual_seed(11),
+                          gumbel_tau=tau)
+    assert not torch.equal(renorm.ids_keep, m.ids_keep)
+
+
+def test_distinct_is_invariant_to_renormalisation():
+    raw = torch.rand(4, 208, generator=torch.Generator().manual_seed(2)) * 0.01
+    g = torch.Generator()
+    assert torch.equal(guided_masks(raw, 0.5, "distinct", g).ids_keep,
+                       guided_masks(raw / raw.sum(1, keepdim=True), 0.5, "distinct", g).ids_keep)
+
+
 def test_bad_ratio_and_mode():
     with pytest.raises(ValueError, match="ratio"):
         num_keep(10, 1.0)

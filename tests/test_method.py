@@ -7,7 +7,7 @@ import torch
 
 from tgdp.configs import apply_overrides, tiny
 from tgdp.masking import random_masks
-from tgdp.method import TGDP, TGDPOutput
+from tgdp.method import TGDP, MaskNoise, TGDPOutput
 from tgdp.patching import audio_as_image, patchify
 
 SMALL = {"model.depth": 3, "model.modality_specific_depth": 2, "model.decoder_depth": 1}
@@ -99,6 +99,47 @@ def test_precomputed_masks_and_determinism(method):
     assert torch.equal(a.loss, b.loss) and torch.equal(a.loss, c.loss)
     d = method(audio, frames, gen(4))
     assert not torch.equal(a.masks_rec[0].ids_keep, d.masks_rec[0].ids_keep)
+
+
+@pytest.mark.parametrize("over", [{"masking.guide": "random"}, {"masking.guide": "gumbel"},
+                                  {"masking.official_compat": True, "masking.guide": "gumbel"}])
+def test_mask_draws_follow_one_fixed_order(over):
+    """forward(generator) draws rec audio, rec video, then the contrastive uniforms (per modality:
+    official_compat shuffle, gumbel draw; or the random con masks), and only those: the same masks
+    as MaskNoise drawn by hand from a generator with the same seed."""
+    m = make(**over)
+    audio, frames = inputs(m.cfg)
+    out = m(audio, frames, gen(5))
+    g = gen(5)
+    na, nv, b = m.cfg.model.num_patches_a, m.cfg.model.num_patches_v, audio.shape[0]
+    fields = m.noise_fields()
+    noise = MaskNoise(**{f: torch.rand(b, na if f.endswith("a") else nv, generator=g) for f in fields})
+    assert fields[:2] == ("rec_a", "rec_v")
+    drawn = m.draw_noise(b, torch.device("cpu"), gen(5))
+    assert all(torch.equal(getattr(drawn, f), getattr(noise, f)) for f in fields)
+    by_hand = m(audio, frames, noise=noise)
+    for x, y in zip((*out.masks_rec, *out.masks_con), (*by_hand.masks_rec, *by_hand.masks_con)):
+        assert torch.equal(x.ids_keep, y.ids_keep)
+    assert torch.equal(out.loss, by_hand.loss)
+
+
+def test_given_masks_are_not_drawn_again():
+    """With masks_rec given (the training step) and guide="distinct", forward draws nothing: the
+    reconstruction masks are not drawn only to be discarded, and no generator is needed."""
+    m = make()
+    audio, frames = inputs(m.cfg)
+    a = m(audio, frames, gen(1))
+    g = gen(2)
+    state = g.get_state()
+    b = m(audio, frames, g, masks_rec=a.masks_rec)
+    assert torch.equal(g.get_state(), state)
+    c = m(audio, frames, masks_rec=a.masks_rec)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.loss, c.loss)
+    assert m.noise_fields(rec=False) == ()
+    gm = make(**{"masking.guide": "gumbel"})
+    assert gm.noise_fields(rec=False) == ("con_a", "con_v")
+    with pytest.raises(ValueError, match="noise lacks"):
+        gm(audio, frames, masks_rec=a.masks_rec, noise=MaskNoise())
 
 
 def test_gradients_reach_the_student_and_never_the_teacher():

@@ -320,8 +320,9 @@ def test_per_row_metadata_and_frame_idx_checks():
 
 # ----------------------------------------------------------------------------- integration: real model + loader
 
-def write_shards(root, n: int, img: int = 32) -> list[str]:
-    """n tiny clips (1.2 s tone + 16 JPEGs) in one shard, labels alternating 'low'/'high'."""
+def write_shards(root, n: int, img: int = 32, labels=None) -> list[str]:
+    """n tiny clips (1.2 s tone + 16 JPEGs) in one shard, labels alternating 'low'/'high' (or
+    ``labels[i]``, a list of class names per clip)."""
     import io as _io
 
     import soundfile as sf
@@ -343,7 +344,8 @@ def write_shards(root, n: int, img: int = 32) -> list[str]:
                 im = _io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (img, img, 3), dtype=np.uint8)).save(im, "JPEG")
                 jpgs.append(im.getvalue())
-            md = {"id": key, "labels": ["low" if i % 2 == 0 else "high"], "duration": 1.2, "fps": 8.0,
+            lab = list(labels[i]) if labels is not None else ["low" if i % 2 == 0 else "high"]
+            md = {"id": key, "labels": lab, "duration": 1.2, "fps": 8.0,
                   "num_frames": 16, "frame_times": [f * 1.2 / 16 for f in range(16)], "sample_rate": sr,
                   "num_samples": len(wave), "silent": False, "source": f"{key}.mkv"}
             w.write(key, md, buf.getvalue(), jpgs)
@@ -383,6 +385,9 @@ def test_cli_retrieval_with_real_model_and_loader(tmp_path):
         ca, cv = model.extract_features(batch.audio, batch.frames)
     torch.testing.assert_close(feats.a[4], ca[16:32], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats.v[4], cv[16:32], atol=1e-5, rtol=1e-5)
+    cov = res.pop("coverage")
+    assert (cov["evaluated"], cov["in_manifest"], cov["skipped"]) == (5, 5, {})
+    assert cov["line"].startswith("5 evaluated of 5 in the manifest")
     assert res == retrieval_metrics(feats.a, feats.v) | {"source": str(tmp_path / "ckpt.pt")}
     for png in ("tsne.png", "retrieval_a2v.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"

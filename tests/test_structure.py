@@ -16,8 +16,8 @@ import pytest
 from _train_helpers import REPO, env
 
 COMMANDS = ["tgdp.train", "tgdp.eval", "tgdp.convert", "tgdp.prepare", "tgdp.flops", "tgdp.perf",
-            "tgdp.data.synthetic", "tgdp.ablate"]
-PACKAGES = ("tgdp.eval", "tgdp.ablate")   # commands that are packages: main() lives in __main__
+            "tgdp.data.synthetic", "tgdp.gpucheck", "tgdp.ablate"]
+PACKAGES = ("tgdp.eval", "tgdp.gpucheck", "tgdp.ablate")   # commands that are packages: main() lives in __main__
 HEAVY = ("torch", "numpy", "matplotlib", "av", "PIL", "tensorboard", "triton", "nvidia")
 
 

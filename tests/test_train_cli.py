@@ -17,10 +17,10 @@ def no_data(monkeypatch):
         raise AssertionError("data was touched / the run started before the config error")
     import tgdp.data.synthetic
     import tgdp.training.distributed
-    import tgdp.training.loop
+    import tgdp.training.trainer
     monkeypatch.setattr(tgdp.data.synthetic, "ensure_demo", forbid)
     monkeypatch.setattr(tgdp.training.distributed, "init_distributed", forbid)
-    monkeypatch.setattr(tgdp.training.loop, "Trainer", forbid)
+    monkeypatch.setattr(tgdp.training.trainer, "Trainer", forbid)
 
 
 @pytest.mark.parametrize("argv", [["--preset", "paper"], ["--preset", "tiny", "--train.steps", "5"],
@@ -104,3 +104,27 @@ def test_header_describes_shard_data_and_caching(tmp_path):
     assert lines[0] == "preset       tiny; config file run.toml; overrides --train.lr 1e-4"
     assert "decoded once into a memory cache of 4 frames per clip" in lines[4]
     assert "decoding the 5 training clips once into memory (4 of 16 frames each" in _setup_text(cfg, data)
+
+
+def test_second_main_job_writes_next_to_the_first_never_into_it(monkeypatch, tmp_path, capsys):
+    """`python -m tgdp.train` twice: the second run must neither be refused nor touch the first."""
+    import tgdp.training.demo
+    from tgdp import train as train_cli
+
+    seen = []
+    monkeypatch.setattr(tgdp.training.demo, "run_demo", lambda cfg, **k: seen.append(cfg.train.out_dir))
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--demo"]) == 0
+    assert seen == ["runs/tiny"]                      # free: the preset's folder
+    first = tmp_path / "runs" / "tiny"
+    (first / "checkpoints").mkdir(parents=True)
+    (first / "checkpoints" / "step-00000010.pt").write_bytes(b"x")
+    (tmp_path / "runs" / "tiny-2").mkdir()
+    (tmp_path / "runs" / "tiny-2" / "summary.json").write_text("{}")
+    assert train_cli.main(["--demo"]) == 0
+    assert seen[-1] == str(tmp_path / "runs" / "tiny-3").replace(str(tmp_path) + "/", "")
+    assert "runs/tiny holds an earlier run; this run writes to runs/tiny-3" in capsys.readouterr().out
+    # a folder the user chose, resume and overwrite are claimed as asked (refusal is the trainer's)
+    for extra in (["--train.out_dir", "runs/tiny"], ["--train.resume", "true"], ["--train.overwrite", "true"]):
+        assert train_cli.main(["--demo", *extra]) == 0
+        assert seen[-1] == "runs/tiny"

@@ -17,10 +17,12 @@ SECTIONS = {
     "data": "shards, decoding, audio features and the training data source",
     "train": "optimisation, precision, parallelism, checkpoints and logging of a run",
     "eval": "zero-shot retrieval (python -m tgdp.eval retrieval, and the demo report)",
+    "probe": "the attention probe on frozen features (python -m tgdp.eval probe; supplement Table 1)",
 }
 
 DOCS = {
-    "preset": "the preset the other values start from (paper = the published recipe, tiny = CPU-sized)",
+    "preset": "the preset the other values start from (paper = the published recipe, tgdp = our improved "
+              "recipe, tiny = tgdp at CPU size)",
     # model
     "model.img_size": "video frame side in pixels (frames are resized and centre-cropped to it)",
     "model.patch_size": "side of the square patches of both modalities, in pixels / fbank bins",
@@ -45,10 +47,11 @@ DOCS = {
     "masking.con_ratio": "fraction of patches hidden in the contrastive view (chosen from the teacher scores)",
     "masking.guide": "how the contrastive view picks visible patches from the teacher scores "
                      "(distinct, gumbel sampling, or random = no guidance)",
-    "masking.gumbel_tau": "temperature applied to the scores before the Gumbel noise (guide = gumbel)",
+    "masking.gumbel_tau": "guide = gumbel: patches are drawn from softmax(raw scores / tau), the official prob mode",
     "masking.score_direction": "which teacher attention is the patch score: patch queries to the CLS key "
                                "(official) or the CLS query to patch keys",
-    "masking.renormalize_scores": "divide the scores by their sum over the patches",
+    "masking.renormalize_scores": "divide the scores by their sum over the patches (guide = distinct only, "
+                                  "where it cannot change the top-k)",
     "masking.official_compat": "reproduce the official bug: the teacher ranks positions of a randomly "
                                "shuffled sequence",
     "masking.dual_path": "false = the CAV-MAE Sync single pass (ablation baseline): contrastive loss on the "
@@ -72,7 +75,7 @@ DOCS = {
                  "a noise source for tests; required unless --demo",
     "data.demo_dir": "where --demo generates (once) and finds the embedded demo set",
     "data.loader": "shard reader: auto = DALI when importable and on CUDA, else the torch loader",
-    "data.num_workers": "loader worker processes (DALI: threads)",
+    "data.num_workers": "torch loader worker processes",
     "data.frames_per_clip": "frames stored per clip; training draws one per step, retrieval uses all",
     "data.sample_rate": "audio sample rate in Hz the clips are decoded at",
     "data.fbank_frames": "fbank frames kept per clip (padded or cut) before the windows are taken",
@@ -88,6 +91,10 @@ DOCS = {
                          "(small sets such as the demo); 0 = stream the shards",
     "data.host_masks": "draw the reconstruction masks on the host while batches are assembled, so audio "
                        "padding is never visible (torch loader, cache and noise sources)",
+    "data.channels": "audio channel the shards were prepared with: first (the official rule) or mix (mean of "
+                     "all channels); must match python -m tgdp.prepare --channels",
+    "data.dali_threads": "CPU threads of the DALI pipeline per rank (DALI decodes FLAC on the CPU only); "
+                         "0 = the CPUs this process may use / ranks per node, at least 2",
     # train
     "train.steps": "optimizer steps of the run; 0 = epochs x samples / batch_size",
     "train.epochs": "passes over the training split when train.steps is 0",
@@ -95,8 +102,9 @@ DOCS = {
     "train.lr": "peak learning rate after warmup",
     "train.min_lr_ratio": "floor of the cosine decay as a fraction of lr",
     "train.warmup_frac": "fraction of all steps spent in linear warmup",
-    "train.weight_decay": "AdamW weight decay",
-    "train.betas": "AdamW (beta1, beta2); on the command line: --train.betas 0.9,0.95",
+    "train.weight_decay": "weight decay: added to the gradient (adam, coupled L2) or decoupled (adamw)",
+    "train.betas": "Adam (beta1, beta2); on the command line: --train.betas 0.9,0.95",
+    "train.optimizer": "adam = Adam with coupled L2 (the official scripts), adamw = decoupled decay; both fused",
     "train.grad_clip": "clip the gradient norm to this value; 0 = no clipping (official)",
     "train.precision": "auto = bf16 autocast on CUDA and fp32 on CPU, or force fp32 / bf16",
     "train.compile": "torch.compile the training forward and backward",
@@ -108,7 +116,9 @@ DOCS = {
     "train.ckpt_every": "write a checkpoint every this many steps (and at the end)",
     "train.keep_last": "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
     "train.log_every": "log metrics every this many steps (the only host syncs of the loop)",
-    "train.resume": "continue exactly from out_dir/checkpoints/latest",
+    "train.resume": "continue the run in out_dir exactly, from its newest intact checkpoint",
+    "train.overwrite": "start a fresh run in an out_dir that holds another run's files, after moving them "
+                       "to out_dir/replaced/ (never deleted)",
     "train.init": "start from this checkpoint's weights: an official one, or tgdp's (e.g. from "
                   "python -m tgdp.convert import)",
     "train.model_impl": "student implementation: auto = the fast packed model where supported, "
@@ -117,4 +127,30 @@ DOCS = {
     "eval.retrieval_videos": "videos evaluated in retrieval (at most; the first ones of the split)",
     "eval.batch_videos": "videos per retrieval batch (each brings all its frames)",
     "eval.chunk": "rows of the similarity matrix computed at once",
+    # probe
+    "probe.head": "official = the released CAVMAEFT head (concat of the pre-joint CLS per frame), "
+                  "tokens = our earlier head on the retrieval globals",
+    "probe.modality": "frozen features the probe reads: both, audio or video",
+    "probe.task": "multiclass (CE, top-1; VGGSound) or multilabel (BCE, mAP; AudioSet)",
+    "probe.epochs": "training epochs of the probe",
+    "probe.batch_size": "clips per probe batch",
+    "probe.lr": "peak learning rate of the probe",
+    "probe.warmup_epochs": "linear warmup (per step) before the cosine decay, in epochs",
+    "probe.min_lr_ratio": "floor of the cosine decay as a fraction of lr",
+    "probe.optimizer": "adam (coupled L2, the CAV-MAE fine-tuning code) or adamw",
+    "probe.weight_decay": "weight decay of the probe optimizer",
+    "probe.betas": "(beta1, beta2) of the probe optimizer",
+    "probe.class_balanced": "draw training clips with replacement, weighted by the inverse counts of their labels",
+    "probe.mixup": "probability of mixing a clip with a random training clip (features and targets)",
+    "probe.mixup_beta": "mixup weights lam ~ Beta(mixup_beta, mixup_beta)",
+    "probe.label_smooth": "label smoothing of the training targets",
+    "probe.wa": "report the average of the weights of epochs wa_start..wa_end",
+    "probe.wa_start": "first epoch (1-based) of the weight average",
+    "probe.wa_end": "last epoch of the weight average; 0 = the last epoch",
+    "probe.select": "the reported model: final (or its weight average), or val = the best on a split carved "
+                    "from the training clips; never chosen on the evaluation split",
+    "probe.val_frac": "share of the training clips carved off when select = val",
+    "probe.depth": "transformer blocks of the probe head",
+    "probe.num_heads": "attention heads of the probe head",
+    "probe.seed": "seed of the probe head, its sampling and the splits",
 }

@@ -1,11 +1,13 @@
 """TG-DP losses on the global (CLS) embeddings (spec §4.2, §4.3).
 
 - :func:`info_nce`: InfoNCE on L2-normalised embeddings with a fixed temperature. Unidirectional
-  (official local loss: for each video, softmax over the audio axis) or symmetric (mean of both
-  directions). With an initialised process group and ``gather=True``, negatives come from every rank
-  through an all-gather *with autograd* and the targets are offset by ``rank * B``.
+  (official local loss and the paper's eq. 4: for each video, softmax over the audio axis) or symmetric
+  (mean of both directions). With an initialised process group and ``gather=True``, negatives come
+  from every rank through an all-gather *with autograd* (of the keys a direction uses: the audio rows
+  for video->audio, the video rows too only when symmetric) and the targets are offset by ``rank * B``.
 - :func:`distill_mse`: ``||g - g_teacher||^2`` summed over channels, mean over the batch, summed over
-  the two modalities; optionally on L2-normalised embeddings.
+  the two modalities: the paper's eq. 6 with ``normalize=False`` (``paper()``); ``tgdp()`` first
+  L2-normalises both globals (the space the contrastive loss and retrieval use).
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def info_nce(emb_a: Tensor, emb_v: Tensor, temperature: float, symmetric: bool =
     a = F.normalize(emb_a.float(), dim=-1)
     v = F.normalize(emb_v.float(), dim=-1)
     b = a.shape[0]
-    if gather and _dist_active() and torch.distributed.get_world_size() > 1:
-        all_a, all_v = gather_with_grad(a), gather_with_grad(v)
-        offset = torch.distributed.get_rank() * b
-    else:
-        all_a, all_v, offset = a, v, 0
+    distributed = gather and _dist_active() and torch.distributed.get_world_size() > 1
+    # video->audio needs every rank's audio rows only; the videos are gathered for audio->video alone
+    all_a = gather_with_grad(a) if distributed else a
+    all_v = gather_with_grad(v) if distributed and symmetric else v
+    offset = torch.distributed.get_rank() * b if distributed else 0
     target = torch.arange(b, device=a.device) + offset
 
     def direction(q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from tgdp import ops
 from tgdp.configs import Config
 from tgdp.losses import distill_mse, info_nce
-from tgdp.masking import Masks, guided_masks, official_compat_ranks, random_masks
+from tgdp.masking import Masks, guided_masks, num_keep, official_compat_ranks, uniform_masks
 from tgdp.patching import audio_as_image
 from tgdp.reference.model import CAVMAESync, StudentOutput, TeacherOutput
 from tgdp.teacher import EMATeacher, momentum_at
 from tgdp.validate import check_inputs, check_masks
 
-__all__ = ["TGDP", "TGDPOutput", "StudentOutput", "TeacherOutput"]
+__all__ = ["TGDP", "TGDPOutput", "MaskNoise", "StudentOutput", "TeacherOutput"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,20 @@ class TGDPOutput:
     acc: Tensor           # contrastive retrieval accuracy within the (gathered) batch
     masks_rec: tuple[Masks, Masks]
     masks_con: tuple[Masks, Masks]   # the rec masks again in the single pass (masking.dual_path false)
+
+
+@dataclass(frozen=True)
+class MaskNoise:
+    """The U[0, 1) draws of one step's random masks ([B, Na] audio, [B, Nv] video), None where the mask
+    is given or needs no randomness. Drawn eagerly by :meth:`TGDP.draw_noise` so that a compiled
+    forward holds no ``torch.Generator`` (a graph break) and replays the same masks as eager."""
+
+    rec_a: Tensor | None = None      # reconstruction masks (random)
+    rec_v: Tensor | None = None
+    perm_a: Tensor | None = None     # masking.official_compat: the shuffle the official teacher ranked
+    perm_v: Tensor | None = None
+    con_a: Tensor | None = None      # contrastive masks: guide "random" or "gumbel"
+    con_v: Tensor | None = None
 
 
 class TGDP(nn.Module):
@@ -73,32 +87,79 @@ class TGDP(nn.Module):
 
     # ------------------------------------------------------------------ masks
 
-    def make_masks(self, batch: int, device: torch.device, generator: torch.Generator,
-                   teacher: TeacherOutput | None) -> tuple[tuple[Masks, Masks], tuple[Masks, Masks]]:
-        """Random reconstruction masks, then guided contrastive masks (in this order on ``generator``)."""
+    def prepare_layouts(self, batch: int, device: torch.device | str) -> None:
+        """Build the packed layouts of a ``batch``-row step before a compiled forward (fast model only;
+        a no-op for the reference model, which has none). Cheap once built: dict lookups."""
         mc, m = self.cfg.masking, self.cfg.model
-        rec = (random_masks(batch, m.num_patches_a, mc.rec_ratio, generator, device),
-               random_masks(batch, m.num_patches_v, mc.rec_ratio, generator, device))
-        if not mc.dual_path:
-            return rec, rec   # single pass: the contrastive view is the reconstruction view
-        if mc.guide == "random":
-            con = (random_masks(batch, m.num_patches_a, mc.con_ratio, generator, device),
-                   random_masks(batch, m.num_patches_v, mc.con_ratio, generator, device))
-            return rec, con
-        con_list = []
-        for scores in (teacher.scores_a, teacher.scores_v):
-            if mc.official_compat:
-                scores = official_compat_ranks(scores, generator)
-            con_list.append(guided_masks(scores, mc.con_ratio, mc.guide, generator, mc.gumbel_tau))
-        return rec, (con_list[0], con_list[1])
+        rec, con = [(num_keep(m.num_patches_a, r), num_keep(m.num_patches_v, r)) for r in (mc.rec_ratio, mc.con_ratio)]
+        for model in (self.student, self.teacher.module):
+            prepare = getattr(model, "prepare_layouts", None)
+            if prepare is not None:   # the second call finds the layouts cached: it resolves the backend
+                prepare(batch, rec, con, device)
+
+    def noise_fields(self, rec: bool = True, con: bool = True) -> tuple[str, ...]:
+        """The :class:`MaskNoise` fields a step needs, in drawing order (rec; then per modality the
+        official_compat shuffle and the gumbel draw, or the random con masks)."""
+        mc = self.cfg.masking
+        con = con and mc.dual_path   # the single pass has no contrastive view
+        fields = ["rec_a", "rec_v"] if rec else []
+        if con and mc.guide == "random":
+            fields += ["con_a", "con_v"]
+        elif con:
+            for mod in ("a", "v"):
+                fields += ([f"perm_{mod}"] if mc.official_compat else []) + \
+                          ([f"con_{mod}"] if mc.guide == "gumbel" else [])
+        return tuple(fields)
+
+    def draw_noise(self, batch: int, device: torch.device, generator: torch.Generator | None, *,
+                   rec: bool = True, con: bool = True) -> MaskNoise:
+        """Draw the uniforms of the masks a step needs (``rec``: reconstruction masks; ``con``:
+        contrastive masks) from ``generator``, in a fixed order: rec audio, rec video, then the
+        contrastive draws (official_compat shuffle, gumbel/random draw) of audio, then of video.
+        With ``guide="distinct"`` and no official_compat the contrastive masks use no randomness."""
+        fields = self.noise_fields(rec, con)
+        if fields and generator is None:
+            raise ValueError("generator=None: a torch.Generator is needed to draw the masks")
+        if fields and generator.device.type != torch.device(device).type:
+            raise ValueError(f"generator device={generator.device} != inputs device={device}")
+        m = self.cfg.model
+        n = {"a": m.num_patches_a, "v": m.num_patches_v}
+        return MaskNoise(**{f: torch.rand(batch, n[f[-1]], generator=generator, device=device) for f in fields})
+
+    def make_masks(self, noise: MaskNoise, teacher: TeacherOutput | None, rec: bool = True,
+                   con: bool = True) -> tuple[tuple[Masks, Masks] | None, tuple[Masks, Masks] | None]:
+        """Random reconstruction masks and guided (or random) contrastive masks from ``noise``
+        (and the teacher's scores); None for the side not asked for."""
+        mc = self.cfg.masking
+        missing = [f for f in self.noise_fields(rec, con) if getattr(noise, f) is None]
+        if missing:
+            raise ValueError(f"noise lacks {missing} for masking.guide={mc.guide!r}, "
+                             f"official_compat={mc.official_compat}")
+        masks_rec = masks_con = None
+        con = con and mc.dual_path
+        if rec:
+            masks_rec = (uniform_masks(noise.rec_a, mc.rec_ratio), uniform_masks(noise.rec_v, mc.rec_ratio))
+        if con and mc.guide == "random":
+            masks_con = (uniform_masks(noise.con_a, mc.con_ratio), uniform_masks(noise.con_v, mc.con_ratio))
+        elif con:
+            pair = []
+            for scores, mod in ((teacher.scores_a, "a"), (teacher.scores_v, "v")):
+                if mc.official_compat:
+                    scores = official_compat_ranks(scores, noise=getattr(noise, f"perm_{mod}"))
+                pair.append(guided_masks(scores, mc.con_ratio, mc.guide, None, mc.gumbel_tau,
+                                         noise=getattr(noise, f"con_{mod}")))
+            masks_con = (pair[0], pair[1])
+        return masks_rec, masks_con
 
     # ------------------------------------------------------------------ step
 
     def forward(self, audio: Tensor, frames: Tensor, generator: torch.Generator | None = None,
                 masks_rec: tuple[Masks, Masks] | None = None, masks_con: tuple[Masks, Masks] | None = None,
-                *, schedule: str = "fast") -> TGDPOutput:
-        """audio [B, T, F], frames [B, C, S, S]; ``generator`` (on the inputs' device) draws the masks
-        not given. Precomputed masks (host-packed, or for parity tests) skip the drawing."""
+                *, noise: MaskNoise | None = None, schedule: str = "fast") -> TGDPOutput:
+        """audio [B, T, F], frames [B, C, S, S]. The masks not given are drawn from ``noise``
+        (:meth:`draw_noise`; what a compiled training step passes) or else from ``generator`` (on the
+        inputs' device; only the draws the missing masks need, in :meth:`draw_noise`'s order).
+        Precomputed masks (host-packed, or for parity tests) skip their draws."""
         cfg = self.cfg
         check_inputs(audio, frames, cfg.model, check_finite=self.check_finite)
         b, dev = audio.shape[0], audio.device
@@ -110,22 +171,22 @@ class TGDP(nn.Module):
             if pair is not None:
                 check_masks(pair[0], b, cfg.model.num_patches_a, f"{name}[0]")
                 check_masks(pair[1], b, cfg.model.num_patches_v, f"{name}[1]")
-        need_masks = masks_rec is None or (dual and masks_con is None)
-        if need_masks:
-            if generator is None:
-                raise ValueError("generator=None: a torch.Generator is needed to draw the masks")
-            if generator.device.type != dev.type:
-                raise ValueError(f"generator device={generator.device} != inputs device={dev}")
-        need_teacher = cfg.loss.w_dis > 0 or (masks_con is None and self.runs_teacher)
+        need_rec, need_con = masks_rec is None, dual and masks_con is None
+        if noise is None:
+            noise = self.draw_noise(b, dev, generator, rec=need_rec, con=need_con)
+        need_teacher = cfg.loss.w_dis > 0 or (need_con and cfg.masking.guide != "random")
 
         teacher = None
         if need_teacher:
             with torch.no_grad():
                 teacher = self.teacher.module.teacher_forward(
                     audio, frames, direction=cfg.masking.score_direction,
-                    renormalize=cfg.masking.renormalize_scores, schedule=schedule)
-        if need_masks:
-            rec, con = self.make_masks(b, dev, generator, teacher)
+                    # the Gumbel guide samples from softmax(raw scores), as the official prob mode;
+                    # top-k ("distinct") is invariant to the renormalisation
+                    renormalize=cfg.masking.renormalize_scores and cfg.masking.guide == "distinct",
+                    schedule=schedule)
+        if need_rec or need_con:
+            rec, con = self.make_masks(noise, teacher, rec=need_rec, con=need_con)
             masks_rec = masks_rec if masks_rec is not None else rec
             masks_con = masks_con if masks_con is not None else con
 

@@ -59,6 +59,41 @@ def train(cfg, progress: bool = True, **kw) -> dict:
     return _train(cfg, progress, **kw)
 
 
+def _chose_out_dir(args) -> bool:
+    """Did the user name ``train.out_dir`` (an override or the TOML file)?"""
+    if any(a == "--train.out_dir" or a.startswith("--train.out_dir=") for a in args.overrides):
+        return True
+    if args.config:
+        import tomllib
+
+        with open(args.config, "rb") as fh:   # already parsed once by load(): known to be valid
+            return "out_dir" in tomllib.load(fh).get("train", {})
+    return False
+
+
+def _demo_folder(args, cfg):
+    """The main job never refuses to start because an earlier main job used its default folder: with
+    the preset's own ``train.out_dir`` (and neither resume nor overwrite asked for) it moves on to the
+    first free ``<out_dir>-N``. An ``out_dir`` the user chose is claimed as usual (refused if taken)."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from tgdp.configs import PRESETS
+    from tgdp.training.rundir import free_folder
+
+    t = cfg.train
+    if t.resume or t.overwrite or t.out_dir != PRESETS[args.preset]().train.out_dir or _chose_out_dir(args):
+        return cfg
+    free = free_folder(Path(t.out_dir))
+    if str(free) == t.out_dir:
+        return cfg
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[tgdp.train] {t.out_dir} holds an earlier run; this run writes to {free} "
+              f"(--train.resume true continues the earlier one)", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, out_dir=str(free)))
+
+
 def _main(argv: list[str]) -> int:
     args, cfg = parse_args(argv)
     if args.print_config:
@@ -74,6 +109,8 @@ def _main(argv: list[str]) -> int:
     origin = Origin(args.preset, args.config, tuple(args.overrides))
     if args.demo:
         from tgdp.training.demo import run_demo
+
+        cfg = _demo_folder(args, cfg)
 
         with writing_to(cfg.train.out_dir):
             report = run_demo(cfg, origin=origin)

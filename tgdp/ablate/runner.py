@@ -139,22 +139,26 @@ def _train(cfg: Config, rdir: Path, nproc: int) -> None:
 
 def evaluate(ckpt: str, train_root: str, val_root: str, probe: bool = True, device: str = "cpu") -> dict:
     """Zero-shot retrieval (both directions, all 16 frames) on every clip of ``val_root`` and, when
-    every clip has a label and ``probe``, the attention probe trained on ``train_root`` features
-    (:class:`tgdp.eval.probe.ProbeSettings` defaults, final epoch) evaluated on ``val_root``."""
+    every clip has a label and ``probe``, the attention probe of the run's ``probe`` config section
+    (the released head on the frozen encoder, final weight-averaged model) trained on ``train_root``
+    and evaluated on ``val_root``."""
+    import dataclasses
+
     import torch
 
     from tgdp.eval import common
-    from tgdp.eval.probe import ProbeSettings, encode_labels, train_probe
+    from tgdp.eval.probe import encode_labels, train_probe
+    from tgdp.eval.probe_features import ProbeFeatures
     from tgdp.eval.retrieval import retrieval_metrics
 
     model, cfg = common.load_checkpoint(ckpt, device=device)
 
-    def features(root: str):
+    def features(encoder, root: str):
         loader = common.make_retrieval_loader(cfg, root)
-        return common.extract_video_features(model, loader, cfg.data.frames_per_clip, None, device)
+        return common.extract_video_features(encoder, loader, cfg.data.frames_per_clip, None, device)
 
     t0 = time.perf_counter()
-    val = features(val_root)
+    val = features(model, val_root)
     ret = retrieval_metrics(val.a, val.v, chunk=cfg.eval.chunk)
     out: dict = {"retrieval": {k: {m: ret[k][m] for m in ("R@1", "R@5", "R@10", "MR")} for k in ("v2a", "a2v")},
                  "num_val": ret["num_videos"], "num_frames": ret["num_frames"], "probe": None,
@@ -164,22 +168,25 @@ def evaluate(ckpt: str, train_root: str, val_root: str, probe: bool = True, devi
     if not all(val.labels) or not val.labels:
         out["probe_note"] = "skipped: the held-out clips are not all labelled"
         return out
-    train = features(train_root)
+    task = "multiclass" if all(len(lab) == 1 for lab in val.labels) else "multilabel"
+    settings = dataclasses.replace(cfg.probe, task=task) if cfg.probe.task != task else cfg.probe
+    encoder = ProbeFeatures(model, settings.head, settings.modality)
+    train = features(encoder, train_root)
     if not all(train.labels):
         out["probe_note"] = "skipped: the training clips are not all labelled"
         return out
-    task = "multiclass" if all(len(lab) == 1 for lab in train.labels + val.labels) else "multilabel"
+    pval = features(encoder, val_root) if settings.head != "tokens" else val
     y_tr, classes = encode_labels(train.labels, task)
     try:
-        y_va, _ = encode_labels(val.labels, task, classes)
+        y_va, _ = encode_labels(pval.labels, task, classes)
     except ValueError as exc:
         out["probe_note"] = f"skipped: {exc}"
         return out
-    settings = ProbeSettings(task=task)
     with torch.enable_grad():
-        res = train_probe((train.a, train.v, y_tr), (val.a, val.v, y_va), len(classes), settings, device)
-    out["probe"] = {"metric": res.metric, "value": 100.0 * res.history[-1][res.metric],
-                    "num_train": len(train.ids), "num_classes": len(classes), "epochs": settings.epochs}
+        res = train_probe((train.a, train.v, y_tr), (pval.a, pval.v, y_va), len(classes), settings, device)
+    out["probe"] = {"metric": res.metric, "value": 100.0 * res.result, "chosen": res.chosen,
+                    "head": settings.head, "num_train": len(train.ids), "num_classes": len(classes),
+                    "epochs": settings.epochs}
     out["probe_s"] = time.perf_counter() - t0 - out["retrieval_s"]
     return out
 

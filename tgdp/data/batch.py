@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Batch", "sample_generator", "valid_time_columns", "IMAGENET_MEAN", "IMAGENET_STD", "MODES"]
+__all__ = ["Batch", "sample_generator", "valid_time_columns", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "SKIP_REASONS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "eval", "retrieval")
+# Skip-counter keys of both loaders (DALI adds "bad sample" for an error it cannot attribute).
+SKIP_REASONS = ("missing member", "bad metadata", "checksum", "bad image", "bad audio", "wrong sample rate",
+                "short audio", "bad shard", "bad sample")
 
 
 @dataclass

@@ -4,8 +4,12 @@ Used by ``python -m tgdp.prepare`` (one call per clip, in worker processes). PyA
 CPU, so VP9, MJPEG and H.264 sources all work. Frame ``i`` is the decoded frame nearest to
 ``t_i = i · min(duration, 10) / 16`` s (ties go to the earlier frame), resized (short side
 ``img_size``, bicubic) and centre-cropped to ``img_size``, JPEG q=90 RGB (gray sources become RGB).
-The audio is the first channel, resampled to 16 kHz, its first 10.24 s stored as 16-bit FLAC; a
-clip whose stored audio peaks below 1e-4 is kept and flagged ``silent``.
+The audio is one channel, resampled to 16 kHz, its first 10.24 s stored as 16-bit FLAC:
+``channels="first"`` keeps the first channel (the official rule), ``"mix"`` the mean of all
+channels. A clip whose stored audio peaks below 1e-4 is kept and flagged ``silent``; one that is
+silent on the chosen channel while another channel is not (a mono mic on the right channel; a
+phase-inverted pair that mixes to nothing) is also flagged ``silent_channel``, with the per-channel
+peaks in ``channel_peaks``, and ``tgdp.prepare`` lists it in its flag report.
 
 A broken input raises :class:`ClipSkipped` with a ``reason`` from :data:`REASONS`:
 
@@ -15,8 +19,9 @@ A broken input raises :class:`ClipSkipped` with a ``reason`` from :data:`REASONS
 - ``truncated``: decoding stops (end of data or a decode error) before the last sampled frame
   (tolerance ``max(1.5 frames, 5 % of the span)``), or the audio ends more than
   ``max(0.5 s, 10 %)`` before ``min(duration, 10.24 s)``
-- ``duplicate_id`` (a second input with an id already used) and ``error`` (anything unexpected,
-  with the exception text) are assigned by :mod:`tgdp.prepare`.
+- ``duplicate_id`` (a second input with an id already used), ``worker_died`` (the process decoding
+  it died twice, e.g. killed by the OOM killer) and ``error`` (anything unexpected, with the
+  exception text) are assigned by :mod:`tgdp.prepare`.
 
 Heavy imports (PyAV, numpy, PIL, soundfile) happen inside the functions.
 """
@@ -27,11 +32,12 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ClipInput", "ClipSkipped", "REASONS", "decode_clip", "MAX_VIDEO_S", "AUDIO_S",
+__all__ = ["ClipInput", "ClipSkipped", "REASONS", "CHANNELS", "decode_clip", "MAX_VIDEO_S", "AUDIO_S",
            "SILENCE_PEAK", "JPEG_QUALITY"]
 
 REASONS = ("zero_length", "unreadable", "no_video", "no_audio", "undecodable_video",
-           "undecodable_audio", "truncated", "duplicate_id", "error")
+           "undecodable_audio", "truncated", "duplicate_id", "worker_died", "error")
+CHANNELS = ("first", "mix")
 MAX_VIDEO_S = 10.0       # frames are sampled over the first 10 s (spec §5.1)
 AUDIO_S = 10.24          # 1024 fbank frames at a 10 ms hop
 SILENCE_PEAK = 1e-4      # |x| below this everywhere = silent (flagged, kept)
@@ -55,11 +61,14 @@ class ClipSkipped(Exception):
 
 
 def decode_clip(item: ClipInput, *, img_size: int = 224, num_frames: int = 16,
-                sample_rate: int = 16000) -> tuple[dict, bytes, list[bytes]]:
+                sample_rate: int = 16000, channels: str = "first") -> tuple[dict, bytes, list[bytes]]:
     """Decode one clip into ``(meta, flac_bytes, [jpeg_bytes] * num_frames)``.
 
-    Raises :class:`ClipSkipped` for a broken input (see the module docstring for the reasons).
+    ``channels``: "first" or "mix" (module doc). Raises :class:`ClipSkipped` for a broken input
+    (see the module docstring for the reasons).
     """
+    if channels not in CHANNELS:
+        raise ValueError(f"channels={channels!r} must be one of {list(CHANNELS)}")
     import av
     import numpy as np
     import soundfile as sf
@@ -99,22 +108,26 @@ def decode_clip(item: ClipInput, *, img_size: int = 224, num_frames: int = 16,
         raise ClipSkipped("truncated", f"video ends at {last_t:.3f} s, frame {num_frames - 1} is at "
                                        f"{targets[-1]:.3f} s ({dec.v_error or 'end of data'})")
     # ---- audio verdict
-    audio = dec.audio()
-    if audio.size == 0:
+    every = dec.audio()                           # [channels, n]
+    if every.shape[1] == 0:
         raise ClipSkipped("undecodable_audio", dec.a_error or "no sample decoded")
     need = min(duration, AUDIO_S)
-    got = audio.size / sample_rate
+    got = every.shape[1] / sample_rate
     if got < need - max(0.5, 0.1 * need):
         raise ClipSkipped("truncated", f"audio ends at {got:.3f} s of {need:.3f} s "
                                        f"({dec.a_error or 'end of data'})")
-    audio = np.clip(audio[:int(round(AUDIO_S * sample_rate))], -1.0, 1.0)
+    every = every[:, :int(round(AUDIO_S * sample_rate))]
+    audio = np.clip(every[0] if channels == "first" else every.mean(axis=0), -1.0, 1.0)
+    peaks = [round(float(np.abs(c).max()), 6) for c in every]
+    silent = bool(np.abs(audio).max() < SILENCE_PEAK)
     buf = io.BytesIO()
     sf.write(buf, audio, sample_rate, format="FLAC", subtype="PCM_16")
     jpgs = [_to_jpeg(img, img_size) for img in dec.images]
     meta = {"id": item.id, "labels": list(item.labels), "duration": duration, "fps": fps,
             "num_frames": num_frames, "frame_times": targets, "frame_pts": dec.chosen_t,
-            "sample_rate": sample_rate, "num_samples": int(audio.size),
-            "silent": bool(np.abs(audio).max() < SILENCE_PEAK),
+            "sample_rate": sample_rate, "num_samples": int(audio.size), "silent": silent,
+            "channels": channels, "channel_peaks": peaks,
+            "silent_channel": silent and max(peaks) >= SILENCE_PEAK,
             "source_sample_rate": int(aus.sample_rate or 0), "source": item.source}
     return meta, buf.getvalue(), jpgs
 
@@ -129,7 +142,7 @@ def _duration(container, vs) -> float | None:
 
 class _Decoder:
     """One demux pass over both streams: picks the frames nearest to ``targets`` and collects the
-    resampled first audio channel, stopping each stream as soon as it has what it needs."""
+    resampled audio (every channel), stopping each stream as soon as it has what it needs."""
 
     def __init__(self, vs, aus, targets, origin, fps, sample_rate, audio_s):
         import av
@@ -208,19 +221,19 @@ class _Decoder:
         if self.a_offset is None and src_frame is not None and src_frame.time is not None:
             self.a_offset = src_frame.time - self.origin
         for f in frames:
-            x = f.to_ndarray()[0]                 # fltp: [channels, n]; keep the first channel
+            x = f.to_ndarray()                    # fltp: [channels, n]
             self.chunks.append(x)
-            self.have += x.size
+            self.have += x.shape[1]
 
     def audio(self):
-        """The first channel at ``sample_rate``, aligned so that sample 0 is the clip's time 0."""
+        """``[channels, n]`` at ``sample_rate``, aligned so that sample 0 is the clip's time 0."""
         import numpy as np
-        x = np.concatenate(self.chunks).astype(np.float32) if self.chunks else np.zeros(0, np.float32)
+        x = np.concatenate(self.chunks, axis=1).astype(np.float32) if self.chunks else np.zeros((1, 0), np.float32)
         shift = int(round((self.a_offset or 0.0) * self.sample_rate))
-        if x.size and shift > 0:      # audio starts late: the gap before it is silence
-            x = np.concatenate([np.zeros(shift, np.float32), x])
+        if x.shape[1] and shift > 0:  # audio starts late: the gap before it is silence
+            x = np.concatenate([np.zeros((x.shape[0], shift), np.float32), x], axis=1)
         elif shift < 0:               # audio starts before the video's time 0
-            x = x[-shift:]
+            x = x[:, -shift:]
         return x
 
 

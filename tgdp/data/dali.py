@@ -22,7 +22,9 @@ Corrupt data is skipped and counted (``skipped``), never replaced, each sample o
 
 - a missing or empty member ("missing member"), or one past the end of a truncated tar ("bad
   shard", per sample): seen in the index, never handed to DALI (no cost);
-- wrong sample rate, audio shorter than one fbank frame, unreadable JSON: dropped after the pipeline;
+- wrong sample rate, audio shorter than one fbank frame, unreadable JSON, a member whose sha256
+  differs from its metadata's ("checksum": the raw FLAC and JPEG bytes the reader already read are
+  pipeline outputs too, hashed on the host): dropped after the pipeline;
 - an undecodable JPEG/FLAC: DALI raises and its pipeline is dead. The loader probes the samples that
   can be in flight (at most ``(PREFETCH + 1) * batch_size``, from the first one not yet delivered)
   with a synchronous batch-1 pipeline, records the first failing one in ``bad`` ("bad image" /
@@ -39,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import weakref
@@ -49,11 +52,13 @@ from typing import Iterator
 import torch
 
 from tgdp.data.dali_plan import load_catalog, plan_epoch, planned_frame, scan_shard, write_indexes
-from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames
 from tgdp.data.batch import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
+from tgdp.data.fbank import LOG_FLOOR, fbank, frame_geometry, num_frames, to_device
+from tgdp.data.shards import check_members, read_manifest, shard_notes
 from tgdp.data.windows import audio_windows, window_starts
 
-__all__ = ["dali_available", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel", "dali_logmel_numpy"]
+__all__ = ["dali_available", "default_threads", "DaliLoader", "build_pipeline", "scan_shard", "dali_logmel",
+           "dali_logmel_numpy"]
 
 PREFETCH = 2  # DALI prefetch_queue_depth: batches that can be in flight past the last one delivered
 
@@ -132,8 +137,9 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool,
 
     The reader is sequential (no DALI shuffle, no DALI RNG): order and frame choice live in the index.
     Outputs: json (space-padded bytes), audio (zero-padded ``[N]``), alen ``[1]``, sr, then the frame
-    ``[3, S, S]`` (member ``img``) or all ``frames_per_clip`` frames (retrieval), and logmel
-    ``[F, 128]`` if ``mel="dali"``. ``probe=True``: synchronous executor, so the error of iteration i
+    ``[3, S, S]`` (member ``img``) or all ``frames_per_clip`` frames (retrieval), then the raw
+    (encoded) FLAC and frame bytes, zero-padded, each followed by its length (host outputs, for the
+    checksums), and logmel ``[F, 128]`` if ``mel="dali"``. ``probe=True``: synchronous executor, so the error of iteration i
     belongs to sample i (batch_size 1).
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -165,7 +171,8 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, retrieval: bool,
         if gpu:
             padded = padded.gpu()
             extra = [e.gpu() for e in extra]
-        return (fn.pad(meta, fill_value=32), padded, alen, sr, *frames, *extra)
+        raw = [x for enc in (flac, *jpgs) for x in (fn.pad(enc, fill_value=0), enc.shape())]
+        return (fn.pad(meta, fill_value=32), padded, alen, sr, *frames, *raw, *extra)
 
     sync = dict(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1) if probe else \
         dict(prefetch_queue_depth=PREFETCH)
@@ -181,11 +188,24 @@ def _reason(message: str) -> str:
     return "bad sample"
 
 
+def default_threads() -> int:
+    """CPU threads of one rank's DALI pipeline: DALI decodes FLAC on the CPU only (and does the host
+    part of nvJPEG there), so it gets the CPUs this process may run on, shared among the ranks of the
+    node (``LOCAL_WORLD_SIZE``, set by torchrun), and at least 2."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        cores = os.cpu_count() or 2
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, cores // local)
+
+
 class DaliLoader:
     """Iterable of :class:`Batch` from a DALI pipeline; same contract as :class:`tgdp.data.loader.TorchLoader`.
 
     ``device_id`` defaults to the CUDA device of ``device`` (or the current one) when CUDA is
-    available, else ``None`` (CPU operators). Order, rank split and frame choice are planned in
+    available, else ``None`` (CPU operators). ``num_threads`` defaults to :func:`default_threads`
+    (``data.dali_threads`` overrides it). Order, rank split and frame choice are planned in
     Python per epoch (module doc); ``skipped`` counts corrupt samples, each once per epoch it is met.
     ``bad`` maps ``(shard path, key)`` -> reason for the undecodable samples found so far.
     """
@@ -193,7 +213,7 @@ class DaliLoader:
     backend = "dali"
 
     def __init__(self, root, mode: str = "train", *, data=None, img_size: int = 224, audio_length: int = 416,
-                 batch_size: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
+                 batch_size: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int | None = None,
                  device=None, device_id: int | None | str = "auto", frame: int | None = None, mel: str = "torch",
                  shuffle: bool | None = None, drop_last: bool | None = None, patch_size: int = 16):
         if mode not in MODES:
@@ -202,6 +222,8 @@ class DaliLoader:
             raise ValueError(f"mel={mel!r} must be 'torch' or 'dali'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if num_threads is None:
+            num_threads = default_threads()
         for name, v in (("batch_size", batch_size), ("num_threads", num_threads)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive int")
@@ -232,12 +254,16 @@ class DaliLoader:
         # self._exts order, and the samples that never reach DALI (missing member, truncated tar).
         self._exts = ["json", "flac"] + [f"f{i:02d}.jpg" for i in range(data.frames_per_clip)]
         self._shards, self._bad_tars = load_catalog(root, self._exts)
+        self.root, self.manifest = root, read_manifest(root)
+        self.checksums, self.notes = shard_notes(root, self.manifest, data)
         self._tmp = tempfile.mkdtemp(prefix="tgdp-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self._runs = 0
         nf = data.frames_per_clip if mode == "retrieval" else 1
+        raw = ["flac"] + [f"f{i:02d}.jpg" for i in range(nf)] if mode == "retrieval" else ["flac", "img"]
+        self._raw = raw
         self._names = ["json", "audio", "alen", "sr"] + [f"f{i}" for i in range(nf)] + \
-            (["logmel"] if mel == "dali" else [])
+            [n for r in raw for n in (f"raw:{r}", f"rawlen:{r}")] + (["logmel"] if mel == "dali" else [])
 
     @property
     def bad(self) -> dict[tuple[str, str], str]:
@@ -329,6 +355,16 @@ class DaliLoader:
                 carry[reason] += 1
                 del plan[pos + i]
 
+    def _members_ok(self, o: dict, row: int, meta: dict, entry) -> bool:
+        """The sha256 of row ``row``'s JSON, FLAC and frame(s) against its metadata (host tensors)."""
+        parts = {}
+        for r in self._raw:
+            n = int(o[f"rawlen:{r}"][row].reshape(-1)[0])
+            ext = f"f{entry[2]:02d}.jpg" if r == "img" else r   # "img" is the planned frame's member
+            parts[ext] = o[f"raw:{r}"][row][:n].numpy().tobytes()
+        ok = check_members(meta, parts)
+        return ok is True or (ok is None and not self.checksums)
+
     def _to_batch(self, o: dict, entries: list) -> Batch:
         """One DALI batch -> :class:`Batch`; ``entries`` are its rows' plan entries (row order)."""
         d, k = self.data, self.data.frames_per_clip
@@ -341,31 +377,41 @@ class DaliLoader:
             except (ValueError, KeyError, TypeError):
                 ok = False
             metas.append(m if ok else None)
-        bad_meta = torch.tensor([m is None for m in metas], dtype=torch.bool)
+        for j, m in enumerate(metas):
+            if m is not None and not self._members_ok(o, j, m, entries[j]):
+                metas[j] = "checksum"
+        bad_sum = torch.tensor([m == "checksum" for m in metas], dtype=torch.bool)
+        metas = [None if isinstance(m, str) else m for m in metas]
+        bad_meta = torch.tensor([m is None for m in metas], dtype=torch.bool) & ~bad_sum
         sr = o["sr"].reshape(-1).round().long()
         lengths = o["alen"].reshape(-1).long()
-        bad_sr = ~bad_meta & (sr != d.sample_rate)
-        short = ~bad_meta & ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
+        bad_sr = ~bad_meta & ~bad_sum & (sr != d.sample_rate)
+        short = ~bad_meta & ~bad_sum & ~bad_sr & (lengths < frame_geometry(d.sample_rate).length)
         skipped = +Counter({"bad metadata": int(bad_meta.sum()), "wrong sample rate": int(bad_sr.sum()),
-                            "short audio": int(short.sum())})
+                            "short audio": int(short.sum()), "checksum": int(bad_sum.sum())})
         self.skipped.update(skipped)
-        keep = (~bad_meta & ~bad_sr & ~short).nonzero().reshape(-1)
+        # Everything decided on the host stays there; the device sees only asynchronous uploads of
+        # small host tensors (to_device) and never a read back: no sync on the device queue.
+        keep = (~bad_meta & ~bad_sum & ~bad_sr & ~short).nonzero().reshape(-1)     # host data
         metas = [metas[i] for i in keep.tolist()]
         per = k if self.mode == "retrieval" else 1
         if not metas:
             return Batch(torch.empty(0), torch.empty(0), [], [], torch.empty(0, dtype=torch.long), dict(skipped))
-        dev = o["audio"].device
-        audio, lengths = o["audio"][keep.to(dev)], lengths[keep]
+        whole = len(metas) == len(lengths)      # the usual batch: nothing dropped, nothing to gather
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if whole else t[to_device(keep, t.device)]
+        audio, lengths = rows(o["audio"]), lengths[keep]
         if self.mode == "retrieval":
-            frames = torch.stack([o[f"f{i}"] for i in range(k)], dim=1)[keep.to(o["f0"].device)].flatten(0, 1)
+            frames = rows(torch.stack([o[f"f{i}"] for i in range(k)], dim=1)).flatten(0, 1)
             fidx = torch.arange(k).repeat(len(metas))
         else:
-            frames = o["f0"][keep.to(o["f0"].device)]
+            frames = rows(o["f0"])
             fidx = torch.tensor([entries[i][2] for i in keep.tolist()], dtype=torch.long)
         if self.mel == "dali":
-            fb = o["logmel"][keep.to(o["logmel"].device)].float()
-        else:
-            fb = fbank(audio[:, : int(lengths.max())], d.sample_rate, lengths=lengths.to(dev), check_finite=False)
+            fb = rows(o["logmel"]).float()
+        else:   # host lengths: validated on the host, uploaded without blocking
+            fb = fbank(audio[:, : int(lengths.max())], d.sample_rate, lengths=lengths, check_finite=False)
         nf = num_frames(lengths, d.sample_rate)
         rows = [m for m in metas for _ in range(per)]
         times = torch.tensor([m["frame_times"][i] for m, i in zip(rows, fidx.tolist())], dtype=torch.float64)
@@ -376,13 +422,14 @@ class DaliLoader:
                 self.seed, self.epoch, str(meta["id"]), "shift")) for meta in metas])
         if per > 1:
             fb, nf = fb.repeat_interleave(per, 0), nf.repeat_interleave(per, 0)
-        win = audio_windows(fb, fidx.to(fb.device), times.to(fb.device), num_frames=nf.to(fb.device), data=d,
-                            length=self.audio_length, shifts=None if shifts is None else shifts.to(fb.device))
+        win = audio_windows(fb, to_device(fidx, fb.device), to_device(times, fb.device),
+                            num_frames=to_device(nf, fb.device), data=d, length=self.audio_length,
+                            shifts=None if shifts is None else to_device(shifts, fb.device))
         # Host-side (it feeds the packer): the same valid time columns as the torch loader.
         starts = window_starts(fidx, times, mode=d.window, total=d.fbank_frames, length=self.audio_length,
                                frames_per_clip=d.frames_per_clip)
         valid = valid_time_columns(nf.cpu().clamp(max=d.fbank_frames), starts, self.audio_length,
                                    self.patch_size, None if shifts is None else shifts.repeat_interleave(per))
         b = Batch(win, frames, [[str(x) for x in m.get("labels", [])] for m in metas], [str(m["id"]) for m in metas],
-                  fidx.to(frames.device), dict(skipped), valid)
+                  to_device(fidx, frames.device), dict(skipped), valid)
         return b.to(self.device, non_blocking=True) if self.device is not None else b

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tgdp.data.batch import sample_generator
-from tgdp.data.shards import read_index, read_manifest
+from tgdp.data.shards import index_is_current, read_index, read_manifest
 
 __all__ = ["ShardEntry", "scan_shard", "load_catalog", "planned_frame", "plan_epoch", "write_indexes"]
 
@@ -51,14 +51,19 @@ class ShardEntry(NamedTuple):
 def scan_shard(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int, str]], bool]]:
     """``(key, {ext: (data offset, size, member name)}, complete)`` per sample of one tar, in tar order.
 
-    From the ``.idx`` next to the tar when there is one (a text file: no tar read), else from the
-    tar headers (``tarfile`` seeks from header to header; the payloads are not read). A header scan
-    that hits the end of a truncated tar keeps what it read; the sample it was in is not complete.
+    From the ``.idx`` next to the tar when there is one and it still matches the tar
+    (:func:`tgdp.data.shards.index_is_current`: two header reads), else from the tar headers
+    (``tarfile`` seeks from header to header; the payloads are not read). A stale index (a member
+    deleted or added after it was written) would point DALI at the wrong bytes for every later
+    sample, so it is not used. A header scan that hits the end of a truncated tar keeps what it
+    read; the sample it was in is not complete.
     """
     idx = tar_path.with_suffix(".idx")
     if idx.is_file():
-        return [(s[0][3].rsplit("/", 1)[-1].split(".", 1)[0], {e: (o, n, name) for e, o, n, name in s}, True)
-                for s in read_index(idx)]
+        samples = read_index(idx)
+        if index_is_current(tar_path, samples):
+            return [(s[0][3].rsplit("/", 1)[-1].split(".", 1)[0], {e: (o, n, name) for e, o, n, name in s}, True)
+                    for s in samples]
     out, key, parts, complete = [], None, {}, True
     with tarfile.open(tar_path, "r:") as tar:
         try:

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["fbank", "num_frames", "mel_banks", "LOG_FLOOR", "FrameGeometry", "frame_geometry"]
+__all__ = ["fbank", "num_frames", "mel_banks", "LOG_FLOOR", "FrameGeometry", "frame_geometry",
+           "default_compute_dtype", "to_device"]
 
 # Kaldi floors the mel energies at FLT_EPSILON before the log (torch.finfo(torch.float32).eps).
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -86,10 +87,21 @@ def _mel_banks_cpu(num_bins: int, n_fft: int, sample_rate: int, low_freq: float,
 
 def mel_banks(num_bins: int = 128, sample_rate: int = 16000, low_freq: float = 20.0, high_freq: float = 0.0,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Kaldi HTK-mel triangular filters: ``[num_bins, n_fft // 2 + 1]`` (last column = Nyquist, zero)."""
+    """Kaldi HTK-mel triangular filters: ``[num_bins, n_fft // 2 + 1]`` (last column = Nyquist, zero).
+
+    Cached per (geometry, device, dtype), so a GPU batch does not upload the filters again (the
+    first upload is asynchronous). Treat the result as read-only."""
     g = frame_geometry(sample_rate)
-    banks = _mel_banks_cpu(num_bins, g.n_fft, sample_rate, float(low_freq), float(high_freq))
-    return banks.to(device=device, dtype=dtype)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    key = (num_bins, g.n_fft, sample_rate, float(low_freq), float(high_freq), str(dev), dtype)
+    banks = _BANKS.get(key)
+    if banks is None:
+        host = _mel_banks_cpu(num_bins, g.n_fft, sample_rate, float(low_freq), float(high_freq)).to(dtype)
+        banks = _BANKS[key] = to_device(host, dev)
+    return banks
+
+
+_BANKS: dict[tuple, torch.Tensor] = {}
 
 
 def _check_input(waveform: torch.Tensor, lengths: torch.Tensor | None, frame_len: int,
@@ -109,26 +121,43 @@ def _check_input(waveform: torch.Tensor, lengths: torch.Tensor | None, frame_len
     else:
         if waveform.dim() != 2:
             raise ValueError(f"lengths needs a batched waveform [B, N], got shape {tuple(waveform.shape)}")
-        lengths = torch.as_tensor(lengths, device=waveform.device)
+        if not isinstance(lengths, torch.Tensor):
+            lengths = torch.as_tensor(lengths)
         if lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (waveform.shape[0],):
             raise ValueError(f"lengths must be an integer tensor of shape [{waveform.shape[0]}], "
                              f"got dtype={lengths.dtype} shape {tuple(lengths.shape)}")
-        lengths = lengths.long()
-        # One host sync per batch for validation; the hot path (training) passes validated shapes.
+        # Validated where they live: host lengths (what the loaders pass) cost no device sync; device
+        # lengths are read back once (a sync). Then moved to the waveform's device without blocking.
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < frame_len:
             raise ValueError(f"lengths has a clip of {lo} samples, fewer than one frame ({frame_len} samples)")
         if hi > n:
             raise ValueError(f"lengths has a clip of {hi} samples, longer than the waveform's {n}")
+        lengths = to_device(lengths.long(), waveform.device)
     if check_finite and not bool(torch.isfinite(waveform).all()):
         raise ValueError("waveform contains NaN or Inf")
     return lengths
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device`` without blocking the host: page-locked first on CUDA (small tensors:
+    the caching host allocator reuses the pinned blocks), then an asynchronous copy."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 on the CPU (Kaldi parity to ~1e-6), float32 on an accelerator (see :func:`fbank`)."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 def fbank(waveform: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = 128, *,
           lengths: torch.Tensor | None = None, subtract_waveform_mean: bool = True,
           low_freq: float = 20.0, high_freq: float = 0.0, preemphasis: float = 0.97,
-          check_finite: bool = True, compute_dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+          check_finite: bool = True, compute_dtype: torch.dtype | str | None = "auto") -> torch.Tensor:
     """Kaldi log-Mel filterbank of a batch of mono waveforms.
 
     Args:
@@ -136,20 +165,27 @@ def fbank(waveform: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = 
             Padded rows of a ragged batch may hold anything finite; only ``lengths[b]`` samples are read.
         sample_rate: Hz (16 kHz in all our data).
         num_mel_bins: number of mel filters (128).
-        lengths: optional ``[B]`` integer valid sample count per row (default: all ``N``).
+        lengths: optional ``[B]`` integer valid sample count per row (default: all ``N``); pass it
+            on the host (a CPU tensor) to keep a device waveform free of syncs.
         subtract_waveform_mean: subtract each clip's global mean (over its valid samples) first — the
             official loader's step before calling Kaldi fbank (spec §5.2 step 2). Kaldi itself still
             removes the DC offset of every frame.
         low_freq, high_freq: mel band edges in Hz; ``high_freq <= 0`` is an offset from Nyquist.
         preemphasis: per-frame pre-emphasis coefficient (Kaldi: first sample uses itself as predecessor).
         check_finite: raise on NaN/Inf input (costs one device->host sync).
-        compute_dtype: dtype of the framing and FFT (default float64; ``None`` = the input's); the mel
-            sums and the log run in the output dtype. Why float64: a frame's mel energies span ~1e10
-            (a loud bin next to one near the ``FLT_EPSILON`` floor), and float32 FFT rounding,
-            relative to the frame's peak, moves the near-floor bins by up to ~6e-3 log units on real
-            sounds (freedesktop ``phone-incoming-call``); with float64 the float32 output is within
-            ~1e-6 of the exact algorithm. Cost: 1.2-2x the all-fp32 time on a shared 2-core CPU;
-            fp64 FFTs are cheap on data-centre GPUs (H100/H200).
+        compute_dtype: dtype of the framing and FFT; ``"auto"`` (default) = float64 on the CPU,
+            float32 on a GPU (:func:`default_compute_dtype`); ``None`` = the input's. The mel sums and
+            the log run in the output dtype. Why it matters: a frame's mel energies span ~1e10 (a
+            loud bin next to one near the ``FLT_EPSILON`` floor), and float32 FFT rounding, relative
+            to the frame's peak, moves the near-floor bins: measured over the 35 freedesktop sounds
+            + espeak speech, float32 compute differs from the float64 Kaldi reference by at most
+            9.5e-3 log units (``suspend-error``; 6.4e-3 ``phone-incoming-call``), only in bins
+            below -12.9 (floor -15.94), i.e. <= 2.1e-3 after the (x + 5.08) / 4.48 normalisation;
+            with float64 the float32 output is within ~1e-6 of the exact algorithm
+            (tests/test_fbank.py). The CPU keeps float64 (1.2-2x the fp32 time on a shared 2-core
+            CPU, in loader workers); on a GPU float64 FFTs would double the transient memory of a
+            256-clip batch of 10.24 s clips: peak live tensors 4.69 GiB in float64 vs 2.36 GiB
+            in float32 (``python benchmarks/fbank_memory.py``, counted on the meta device).
 
     Returns:
         ``[B, F, num_mel_bins]`` (``[F, num_mel_bins]`` for 1-D input), dtype of the input (float32 for
@@ -162,6 +198,10 @@ def fbank(waveform: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = 
     squeeze = waveform.dim() == 1
     x = waveform.unsqueeze(0) if squeeze else waveform
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    if isinstance(compute_dtype, str):
+        if compute_dtype != "auto":
+            raise ValueError(f"compute_dtype={compute_dtype!r} must be a torch.dtype, None or 'auto'")
+        compute_dtype = default_compute_dtype(x.device)
     x = x.to(compute_dtype or out_dtype)
     if ragged:  # zero the padding so it cannot enter the mean (frames past a clip's end are refilled below)
         valid = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, N]

@@ -8,8 +8,11 @@ resize (short side) -> centre crop -> ImageNet normalisation.
 Modes: ``train`` = one frame per clip per epoch, drawn from a generator seeded by
 ``(seed, epoch, sample id)`` — so the draw does not depend on worker count, shuffling or rank;
 ``eval`` = the fixed ``data.eval_frame``; ``retrieval`` = all frames (video-major rows).
-Corrupt samples (missing member, undecodable JSON/JPEG/FLAC, wrong sample rate, audio shorter
-than one fbank frame) are skipped and counted by reason, never replaced.
+Corrupt samples (missing member, undecodable JSON/JPEG/FLAC, a member whose sha256 differs from
+the one in its metadata, wrong sample rate, audio shorter than one fbank frame) are skipped and
+counted by reason (:data:`SKIP_REASONS`), never replaced. Only the members a sample actually uses
+are checked (its JSON, FLAC and the frames it decodes), on the bytes already read from the tar.
+Shards made before tgdp.prepare recorded checksums load unchecked, with a note (``notes``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tgdp.data.batch import IMAGENET_MEAN, IMAGENET_STD, MODES, Batch, sample_generator, valid_time_columns
+from tgdp.data.batch import (IMAGENET_MEAN, IMAGENET_STD, MODES, SKIP_REASONS, Batch, sample_generator,
+                             valid_time_columns)
 from tgdp.data.fbank import fbank, frame_geometry
-from tgdp.data.shards import read_manifest
+from tgdp.data.shards import check_members, read_manifest, shard_notes
 from tgdp.data.windows import audio_windows, window_starts
 
 __all__ = ["Batch", "ShardDataset", "TorchLoader", "make_loader", "decode_image",
-           "decode_audio", "sample_generator", "valid_time_columns", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "CorruptSample"]
+           "decode_audio", "sample_generator", "valid_time_columns", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "CorruptSample",
+           "SKIP_REASONS", "shard_notes"]
 
 
 class CorruptSample(Exception):
@@ -128,6 +133,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"frame={frame} must be in [0, {data.frames_per_clip})")
         self.root = Path(root).expanduser()
         self.manifest = read_manifest(self.root)
+        self.checksums, self.notes = shard_notes(self.root, self.manifest, data)
         self.mode, self.data, self.img_size, self.audio_length = mode, data, img_size, audio_length
         self.patch_size = patch_size  # audio patch rows, for the valid time columns of each window
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
@@ -187,6 +193,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             idx = [d.eval_frame]
         else:
             idx = [int(torch.randint(k, (1,), generator=sample_generator(self.seed, self.epoch, sid)))]
+        used = {"flac": parts["flac"], **{f"f{i:02d}.jpg": parts[f"f{i:02d}.jpg"] for i in idx}}
+        ok = check_members(meta, used)
+        if ok is False or (ok is None and self.checksums):
+            raise CorruptSample("checksum", f"{key}: a member differs from the sha256 in its metadata")
         frames = torch.stack([decode_image(parts[f"f{i:02d}.jpg"], self.img_size) for i in idx])
         wave = decode_audio(parts["flac"], d.sample_rate)
         fb = fbank(wave.unsqueeze(0), d.sample_rate, check_finite=False)  # soundfile never yields NaN
@@ -272,6 +282,7 @@ class TorchLoader:
     def __init__(self, ds: ShardDataset, batch_size: int, *, num_workers: int = 0, drop_last: bool = False,
                  device=None):
         self.dataset, self.device = ds, device
+        self.root, self.manifest, self.notes = ds.root, ds.manifest, ds.notes
         self.skipped: Counter = Counter()
         pin = device is not None and torch.device(device).type == "cuda"
         self._loader = torch.utils.data.DataLoader(_Batched(ds, batch_size, drop_last), batch_size=None,
@@ -322,11 +333,16 @@ def make_loader(cfg, mode: str = "train", rank: int = 0, world_size: int = 1, *,
         backend = "dali" if dali_available() and torch.cuda.is_available() else "torch"
     if backend == "dali":
         from tgdp.data.dali import DaliLoader
-        return DaliLoader(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
-                          batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                          num_threads=max(1, workers), device=device, frame=frame, shuffle=shuffle,
-                          drop_last=drop_last, patch_size=cfg.model.patch_size)
-    ds = ShardDataset(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
-                      rank=rank, world_size=world_size, seed=seed, frame=frame, shuffle=shuffle,
-                      patch_size=cfg.model.patch_size)
-    return TorchLoader(ds, batch_size, num_workers=workers, drop_last=drop_last, device=device)
+        loader = DaliLoader(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
+                            batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                            num_threads=d.dali_threads or None, device=device, frame=frame, shuffle=shuffle,
+                            drop_last=drop_last, patch_size=cfg.model.patch_size)
+    else:
+        ds = ShardDataset(root, mode, data=d, img_size=cfg.model.img_size, audio_length=cfg.model.audio_length,
+                          rank=rank, world_size=world_size, seed=seed, frame=frame, shuffle=shuffle,
+                          patch_size=cfg.model.patch_size)
+        loader = TorchLoader(ds, batch_size, num_workers=workers, drop_last=drop_last, device=device)
+    if rank == 0:
+        for note in loader.notes:
+            print(f"[tgdp.data] note: {note}", flush=True)
+    return loader

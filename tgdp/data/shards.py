@@ -10,6 +10,13 @@ Every file is written to a temporary (``<tar>.tmp`` while a shard streams; :mod:
 index and the manifest) and renamed into place only when complete, so a crash never leaves a
 half-written shard, index or manifest under its final name.
 
+Checksums: :meth:`ShardWriter.write` stores the sha256 of every member in the sample's metadata
+(``"checksums": {"json": …, "flac": …, "f00.jpg": …}``; the JSON's own entry hashes its canonical
+form without the ``checksums`` key, :func:`meta_digest`), and :meth:`ShardWriter.close` the sha256
+of the whole tar, which ``tgdp.prepare`` records per shard in the manifest (``"sha256"``) with
+``"member_checksums": "sha256"``. Both loaders check the members they read
+(:func:`check_members`); shards made before checksums existed load unchecked, with a note.
+
 Only the standard library is used here: the torch loader, the DALI pipeline and ``tgdp.prepare``
 all import this module.
 """
@@ -26,10 +33,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tgdp.atomic import atomic_write_bytes, atomic_write_json
+from tgdp.cli import UserError
 
 __all__ = [
-    "MANIFEST_NAME", "MANIFEST_VERSION", "ShardWriter", "iter_shard", "read_index", "shard_name",
+    "MANIFEST_NAME", "MANIFEST_VERSION", "ShardWriter", "ShardError", "iter_shard", "read_index", "shard_name",
     "sanitize_key", "frame_ext", "member_exts", "new_manifest", "read_manifest", "write_manifest",
+    "meta_digest", "check_members", "file_sha256", "manifest_channels", "shard_notes", "index_is_current",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -40,6 +49,63 @@ _BLOCK = 512  # tar block size: every member is one 512-byte USTAR header + data
 _KEY_MAX = 64  # keeps "<key>.f15.jpg" under the 100-character USTAR name limit
 _MANIFEST_KEYS = ("version", "shards", "num_samples", "frames_per_clip", "sample_rate", "img_size",
                   "skipped")
+
+
+class ShardError(UserError, ValueError):
+    """A shard folder or manifest is missing or unusable; the message names the path and what to do."""
+
+
+# ----------------------------------------------------------------------------- checksums
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of a sample's metadata in canonical JSON form, without its ``checksums`` entry."""
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
+def check_members(meta: dict, parts: dict[str, bytes]) -> bool | None:
+    """Check the metadata and the members in ``parts`` (``{ext: bytes}``) against ``meta["checksums"]``.
+
+    True: all match; False: one does not (or is not listed); None: the sample has no checksums
+    (made before tgdp.prepare recorded them).
+    """
+    sums = meta.get("checksums")
+    if sums is None:
+        return None
+    if not isinstance(sums, dict) or sums.get("json") != meta_digest(meta):
+        return False
+    return all(sums.get(ext) == _sha256(data) for ext, data in parts.items())
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_channels(manifest: dict) -> str:
+    """The audio channel rule the shards were prepared with (shards from before the option: "first")."""
+    return str(manifest.get("channels", "first"))
+
+
+def shard_notes(root, manifest: dict, data) -> tuple[bool, list[str]]:
+    """``(checksums expected?, notes)`` for a shard folder, for both loaders; :class:`ShardError` if it
+    was prepared with another audio channel rule than ``data.channels``."""
+    ch = manifest_channels(manifest)
+    want = getattr(data, "channels", "first")
+    if ch != want:
+        raise ShardError(f"data.channels={want!r} but {root} was prepared with channels={ch!r}; pass "
+                         f"--data.channels {ch} or re-run python -m tgdp.prepare --channels {want}")
+    if manifest.get("member_checksums") == "sha256":
+        return True, []
+    return False, [f"the shards in {root} carry no checksums (made by an older tgdp.prepare): a corrupt member "
+                   "is found only if it fails to decode; re-run python -m tgdp.prepare to add them"]
 
 
 def shard_name(index: int) -> str:
@@ -100,6 +166,7 @@ class ShardWriter:
         self._lines: list[str] = []
         self._keys: set[str] = set()
         self.count = 0
+        self.sha256: str | None = None   # of the finished tar (set by close)
 
     def write(self, key: str, meta: dict, flac: bytes, jpgs: list[bytes]) -> None:
         """Append one sample. ``jpgs``: ``num_frames`` JPEG byte strings, frame order."""
@@ -116,26 +183,32 @@ class ShardWriter:
         if len(jpgs) != self.num_frames or not all(isinstance(j, (bytes, bytearray)) and j for j in jpgs):
             raise ValueError(f"{key!r}: expected {self.num_frames} non-empty JPEG byte strings, "
                              f"got {len(jpgs)}")
-        payloads = [json.dumps(meta).encode("utf-8"), bytes(flac)] + [bytes(j) for j in jpgs]
+        exts = member_exts(self.num_frames)
+        meta = {k: v for k, v in meta.items() if k != "checksums"}
+        data = [bytes(flac)] + [bytes(j) for j in jpgs]
+        meta["checksums"] = {"json": meta_digest(meta), **{e: _sha256(d) for e, d in zip(exts[1:], data)}}
+        payloads = [json.dumps(meta).encode("utf-8")] + data
         fields = []
-        for ext, data in zip(member_exts(self.num_frames), payloads):
+        for ext, payload in zip(exts, payloads):
             name = f"{key}.{ext}"
             info = tarfile.TarInfo(name)
-            info.size = len(data)
+            info.size = len(payload)
             info.mode = 0o644
             info.mtime = 0  # deterministic bytes: the same inputs give the same shard
             header_at = self._tar.offset
-            self._tar.addfile(info, io.BytesIO(data))
-            padded = -(-len(data) // _BLOCK) * _BLOCK
+            self._tar.addfile(info, io.BytesIO(payload))
+            padded = -(-len(payload) // _BLOCK) * _BLOCK
             # Internal invariant: one header block, so the data starts 512 bytes after the header.
             assert self._tar.offset == header_at + _BLOCK + padded, "unexpected tar header size"
-            fields.append(f"{ext} {header_at + _BLOCK} {len(data)} {name}")
+            fields.append(f"{ext} {header_at + _BLOCK} {len(payload)} {name}")
         self._lines.append(" ".join(fields))
         self._keys.add(key)
         self.count += 1
 
     def close(self) -> int:
-        """Finish the tar, write the index, rename both into place; returns the sample count."""
+        """Finish the tar, write the index, rename both into place; returns the sample count.
+
+        Sets :attr:`sha256` (of the tar's bytes, read back from the disk)."""
         if self._tar is None:
             return self.count
         self._tar.close()
@@ -146,6 +219,7 @@ class ShardWriter:
         if self.count == 0:
             self._tmp.unlink()
             return 0
+        self.sha256 = file_sha256(self._tmp)
         index = f"{_INDEX_VERSION} {self.count}\n" + "\n".join(self._lines) + "\n"
         atomic_write_bytes(self.index_path, index.encode("utf-8"))
         os.replace(self._tmp, self.path)
@@ -227,6 +301,41 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
     return samples
 
 
+def _header(fh, at: int) -> tuple[str, int] | None:
+    """(name, size) of the USTAR header at byte ``at``, None if there is none."""
+    if at < 0:
+        return None
+    fh.seek(at)
+    block = fh.read(_BLOCK)
+    if len(block) < _BLOCK or not block.strip(b"\0"):
+        return None
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return None
+    return info.name, info.size
+
+
+def index_is_current(tar_path: str | os.PathLike, samples: list[list[tuple[str, int, int, str]]]) -> bool:
+    """Whether a ``.idx`` (parsed by :func:`read_index`) still describes its tar: the headers of the
+    first and last indexed members are where the index says, with the same name and size.
+
+    A member deleted (or added) after the index was written moves every later member, so an index
+    that no longer matches is found with two 512-byte reads instead of a scan of the tar.
+    """
+    if not samples:
+        return True
+    try:
+        size = os.path.getsize(tar_path)
+        with open(tar_path, "rb") as fh:
+            for ext, off, n, name in (samples[0][0], samples[-1][-1]):
+                if off + n > size or _header(fh, off - _BLOCK) != (name, n):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- manifest
 
 def new_manifest(*, frames_per_clip: int = 16, sample_rate: int = 16000, img_size: int = 224,
@@ -254,12 +363,16 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise ValueError(f"no manifest at {str(path)!r}; run python -m tgdp.prepare first")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+        raise ShardError(f"no manifest at {str(path)!r}; run python -m tgdp.prepare first or give the shard folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}); re-run python -m tgdp.prepare into a new --out") from None
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version "
-                         f"{manifest.get('version') if isinstance(manifest, dict) else manifest!r}")
+        raise ShardError(f"{path}: unsupported manifest version "
+                         f"{manifest.get('version') if isinstance(manifest, dict) else manifest!r}; "
+                         "re-run python -m tgdp.prepare")
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: manifest lacks keys {missing}")
+        raise ShardError(f"{path}: manifest lacks keys {missing}; re-run python -m tgdp.prepare")
     return manifest

@@ -1,14 +1,15 @@
 """python -m tgdp.eval {retrieval,probe,plot-log}: evaluate a pretrained checkpoint.
 
     python -m tgdp.eval retrieval --ckpt runs/tiny/checkpoints/step-00001000.pt --data DIR [--plots]
-    python -m tgdp.eval probe --ckpt CKPT --data TRAIN_DIR --val-data VAL_DIR [--preset audioset]
+    python -m tgdp.eval probe --ckpt CKPT --data TRAIN_DIR --eval-data EVAL_DIR [--task audioset]
     python -m tgdp.eval plot-log --log runs/tiny/metrics.jsonl --out curves.png
 
 retrieval: checkpoint + shard folder -> per-frame features -> R@1/5/10 and MR (V->A, A->V),
 written to <out>/retrieval.json and <out>/retrieval.md; --plots adds a t-SNE and top-5 examples;
 --features F evaluates saved features instead of running the model.
-probe: checkpoint + train (and val) shard folders -> frozen features -> attention probe; the
-per-epoch metrics go to <out>/probe.json.
+probe: checkpoint + training (and evaluation) shard folders -> frozen features -> the attention
+probe of the config's probe section (--task, a --config TOML [probe] table, --probe.field value);
+the reported figure (final model, or chosen on a carved training split) goes to <out>/probe.json.
 plot-log: loss curves of a run log (JSON lines / JSON / CSV) -> PNG.
 
 Checkpoints: training checkpoints (runs/<name>/checkpoints/step-*.pt) or official weights imported
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tgdp.atomic import atomic_write_json, atomic_write_text
+from tgdp.atomic import atomic_write_json, atomic_write_text, check_writable
 from tgdp.cli import HelpFormatter, UserError, parser, run
 
 if TYPE_CHECKING:
@@ -94,23 +95,63 @@ def run_retrieval(feats: "VideoFeatures", out_dir: str | Path, chunk: int = 4096
     return result
 
 
-def run_probe(train: "VideoFeatures", val: "VideoFeatures", settings, out_dir: str | Path,
+def run_probe(train: "VideoFeatures", evaluation: "VideoFeatures", probe, out_dir: str | Path,
               device: "torch.device | None" = None, extra: dict | None = None) -> dict:
-    """Train the probe on ``train``, evaluate on ``val`` per epoch; write out_dir/probe.json."""
+    """Train the probe (``probe``: a :class:`tgdp.configs.ProbeConfig`) on ``train``, report its figure
+    on ``evaluation``; write out_dir/probe.json."""
     from tgdp.eval.probe import encode_labels, train_probe
 
-    y_tr, classes = encode_labels(train.labels, settings.task)
-    y_va, _ = encode_labels(val.labels, settings.task, classes)
+    y_tr, classes = encode_labels(train.labels, probe.task)
+    y_ev, _ = encode_labels(evaluation.labels, probe.task, classes)
 
     def log(rec: dict) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
-    res = train_probe((train.a, train.v, y_tr), (val.a, val.v, y_va), len(classes), settings, device, log)
-    out = {"metric": res.metric, "best": res.best, "final": res.history[-1][res.metric],
-           "history": res.history, "settings": res.settings, "classes": classes,
-           "num_train": len(train.ids), "num_val": len(val.ids), **(extra or {})}
+    res = train_probe((train.a, train.v, y_tr), (evaluation.a, evaluation.v, y_ev), len(classes), probe,
+                      device, log)
+    out = {"metric": res.metric, "result": res.result, "chosen": res.chosen, "history": res.history,
+           "settings": res.settings, "classes": classes, "num_train": res.num_train,
+           "num_select": res.num_select, "num_eval": len(evaluation.ids), **(extra or {})}
     atomic_write_json(Path(out_dir) / "probe.json", out)
     return out
+
+
+def _probe_config(cfg, task: str | None, file: str | None, shortcuts: dict, overrides: dict,
+                  check: bool = True):
+    """The probe section: checkpoint config -> ``--task`` column -> ``--config`` [probe] table ->
+    shortcut flags -> ``--probe.*`` overrides; validated unless ``check`` is false (keys and types
+    are checked either way)."""
+    import dataclasses
+    import tomllib
+
+    from tgdp.configs import ConfigError, apply_overrides, from_dict, probe_task
+
+    if task is not None:
+        cfg = dataclasses.replace(cfg, probe=probe_task(task, cfg.probe))
+    if file is not None:
+        if not Path(file).is_file():
+            raise UserError(f"--config {file} does not exist; give a TOML file with a [probe] table")
+        with open(file, "rb") as fh:
+            try:
+                table = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{file} is not valid TOML: {exc}") from None
+        other = sorted(set(table) - {"probe"})
+        if other:
+            raise ConfigError(f"{file}: a probe config holds only a [probe] table, found {other}")
+        cfg = from_dict(table, base=cfg)
+    cfg = apply_overrides(cfg, {**{f"probe.{k}": v for k, v in shortcuts.items()}, **overrides})
+    if check:
+        cfg.probe.validate()
+    return cfg.probe
+
+
+def _probe_features(model, cfg, data: str | None, device: "torch.device") -> "VideoFeatures":
+    """Frozen per-frame features of a shard folder (``model``: a ProbeFeatures wrapper)."""
+    from tgdp.eval import common
+
+    loader = common.make_retrieval_loader(cfg, data, device=device)
+    return common.extract_video_features(model, loader, cfg.data.frames_per_clip, None, device)
 
 
 def _subset(f: "VideoFeatures", idx: list[int]) -> "VideoFeatures":
@@ -166,20 +207,24 @@ def _parser():
     p.add_argument("--ckpt", required=True, metavar="FILE",
                    help="checkpoint (training, or from python -m tgdp.convert import)")
     p.add_argument("--data", default=None, metavar="DIR", help="training shard folder of the probe")
-    p.add_argument("--val-data", default=None, metavar="DIR",
-                   help="validation shard folder (default: a stratified split of --data)")
-    p.add_argument("--val-frac", type=float, default=0.25, help="share of --data held out when no --val-data")
-    p.add_argument("--preset", choices=("vggsound", "audioset"), default="vggsound",
-                   help="probe recipe (supplement Table 1): vggsound = single-label top-1, audioset = "
-                        "multi-label mAP")
-    p.add_argument("--modality", choices=("both", "audio", "video"), default="both",
-                   help="which frozen features the probe reads")
-    for name, tp, what in (("epochs", int, "training epochs"), ("batch-size", int, "videos per batch"),
+    p.add_argument("--eval-data", "--val-data", dest="eval_data", default=None, metavar="DIR",
+                   help="evaluation shard folder, where the figure is reported (default: a stratified "
+                        "--eval-frac split of --data)")
+    p.add_argument("--eval-frac", "--val-frac", dest="eval_frac", type=float, default=0.25,
+                   help="share of --data held out for evaluation when no --eval-data")
+    p.add_argument("--task", choices=("vggsound", "audioset"), default=None,
+                   help="supplement Table 1 column for the probe section: vggsound = single-label top-1, "
+                        "audioset = multi-label mAP (default: the checkpoint config's probe section)")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML file whose [probe] table applies")
+    for name, tp, what in (("head", str, "official (the released CAVMAEFT head) or tokens"),
+                           ("modality", str, "frozen features the probe reads: both, audio or video"),
+                           ("epochs", int, "training epochs"), ("batch-size", int, "videos per batch"),
                            ("lr", float, "peak learning rate"), ("warmup-epochs", float, "linear warmup"),
                            ("mixup", float, "probability of mixing a sample, 0 = off"),
-                           ("seed", int, "seed of the probe and of the split"),
+                           ("seed", int, "seed of the probe and of the splits"),
                            ("num-heads", int, "attention heads of the probe")):
-        p.add_argument(f"--{name}", type=tp, default=None, help=f"{what} (default: from --preset)")
+        p.add_argument(f"--{name}", type=tp, default=None,
+                       help=f"{what} (= --probe.{name.replace('-', '_')})")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <ckpt folder>/eval)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--weights", choices=("model", "teacher"), default="model",
@@ -226,6 +271,7 @@ def _retrieval(args, overrides: dict) -> int:
 
     src = Path(args.ckpt or args.features)
     out = Path(args.out) if args.out else src.parent / "eval"
+    check_writable(out)   # before any compute
     if args.features:
         feats, cfg = VideoFeatures.load(args.features), None
         chunk = args.chunk or 4096
@@ -234,8 +280,9 @@ def _retrieval(args, overrides: dict) -> int:
         chunk = args.chunk or cfg.eval.chunk
         if args.save_features:
             feats.save(out / "features.pt")
-    feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels)
-    res = run_retrieval(feats, out, chunk=chunk, ties=args.ties, extra={"source": str(src)})
+    feats = VideoFeatures(feats.a.to(device), feats.v.to(device), feats.ids, feats.labels, feats.coverage)
+    res = run_retrieval(feats, out, chunk=chunk, ties=args.ties,
+                        extra={"source": str(src), "coverage": feats.coverage})
     print(format_table(res))
     print(f"wrote {out / 'retrieval.json'}")
     if args.plots:
@@ -245,27 +292,38 @@ def _retrieval(args, overrides: dict) -> int:
 
 
 def _probe(args, overrides: dict) -> int:
-    _check_inputs(args.ckpt, [args.data, args.val_data])
-    if not 0 < args.val_frac < 1:
-        raise UserError(f"--val-frac {args.val_frac} must be in (0, 1)")
-    from tgdp.eval.probe import ProbeSettings, stratified_split
+    _check_inputs(args.ckpt, [args.data, args.eval_data])
+    if not 0 < args.eval_frac < 1:
+        raise UserError(f"--eval-frac {args.eval_frac} must be in (0, 1)")
+    from tgdp.configs import tgdp as tgdp_preset
+    from tgdp.eval import common
+    from tgdp.eval.probe import stratified_split
+    from tgdp.eval.probe_features import ProbeFeatures
 
-    kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup_epochs", "mixup", "seed",
-                                        "num_heads") if getattr(args, k) is not None}
-    try:
-        settings = getattr(ProbeSettings, args.preset)(modality=args.modality, **kw)
-    except ValueError as exc:  # "probe.<field>=<value> <why>"
-        raise UserError(f"{exc}; see python -m tgdp.eval probe --help") from None
+    shortcuts = {k: getattr(args, k) for k in ("head", "modality", "epochs", "batch_size", "lr",
+                                               "warmup_epochs", "mixup", "seed", "num_heads")
+                 if getattr(args, k) is not None}
+    # probe.* overrides apply after --task and --config; the others to the checkpoint's config
+    probe_over = {k: v for k, v in overrides.items() if k.startswith("probe.")}
+    model_over = {k: v for k, v in overrides.items() if not k.startswith("probe.")}
+    _probe_config(tgdp_preset(), args.task, args.config, shortcuts, probe_over, check=False)  # keys, types: early
     device = _device(args.device)
-    train, cfg = _features(args.ckpt, args.data, overrides, device, weights=args.weights)
-    if args.val_data:
-        val, _ = _features(args.ckpt, args.val_data, overrides, device, weights=args.weights)
-    else:
-        tr_idx, va_idx = stratified_split(train.labels, args.val_frac, settings.seed)
-        train, val = _subset(train, tr_idx), _subset(train, va_idx)
     out = Path(args.out) if args.out else Path(args.ckpt).parent / "eval"
-    res = run_probe(train, val, settings, out, device, extra={"ckpt": str(args.ckpt)})
-    print(f"{res['metric']}: best {res['best']:.4f}, final {res['final']:.4f}; wrote {out / 'probe.json'}")
+    check_writable(out)   # before any compute
+    model, cfg = common.load_checkpoint(args.ckpt, overrides=model_over, device=device, weights=args.weights)
+    probe = _probe_config(cfg, args.task, args.config, shortcuts, probe_over)
+    feats = ProbeFeatures(model, probe.head, probe.modality)
+    train = _probe_features(feats, cfg, args.data, device)
+    coverage = {"train": train.coverage}
+    if args.eval_data:
+        evaluation = _probe_features(feats, cfg, args.eval_data, device)
+        coverage["eval"] = evaluation.coverage
+    else:
+        tr_idx, ev_idx = stratified_split(train.labels, args.eval_frac, probe.seed)
+        train, evaluation = _subset(train, tr_idx), _subset(train, ev_idx)
+    res = run_probe(train, evaluation, probe, out, device, extra={"ckpt": str(args.ckpt), "coverage": coverage})
+    print(f"{res['metric']}: {res['result']:.4f} on {res['num_eval']} evaluation clips ({res['chosen']}); "
+          f"wrote {out / 'probe.json'}")
     return 0
 
 

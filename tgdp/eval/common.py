@@ -22,7 +22,7 @@ from torch import nn
 from tgdp.configs import Config, from_dict
 
 __all__ = ["VideoFeatures", "build_model", "load_checkpoint",
-           "make_retrieval_loader", "extract_video_features"]
+           "make_retrieval_loader", "extract_video_features", "coverage"]
 
 
 @dataclass
@@ -30,12 +30,15 @@ class VideoFeatures:
     """Per-frame global embeddings of N videos (host, fp32).
 
     a, v: [N, T, D] (norm_a / norm_v CLS outputs, not L2-normalised); ids: N str; labels: N lists.
+    coverage: how many videos of the data were evaluated and why others were not
+    (:func:`extract_video_features` sets it when the loader knows its manifest), else None.
     """
 
     a: torch.Tensor
     v: torch.Tensor
     ids: list[str]
     labels: list[list[str]]
+    coverage: dict | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic save of the features (a plain dict of tensors and lists, read back weights-only)."""
@@ -215,6 +218,9 @@ def extract_video_features(model: nn.Module, loader: Iterable, frames_per_clip: 
         # Duplicated ids are legal (the official metric keeps them) but usually a data mistake.
         print(f"warning: {dup} duplicated video ids in the retrieval data")
     n = len(ids) if max_videos is None else min(len(ids), max_videos)
+    cov = coverage(loader, n, max_videos)
+    if cov is not None:
+        print(cov["line"])
     a = torch.cat(feats_a)[:n].cpu()   # the single device->host transfer
     v = torch.cat(feats_v)[:n].cpu()
     for name, x in (("audio", a), ("video", v)):
@@ -223,4 +229,20 @@ def extract_video_features(model: nn.Module, loader: Iterable, frames_per_clip: 
             first = [ids[i] for i in bad.nonzero().flatten()[:5].tolist()]
             raise ValueError(f"model produced NaN/Inf {name} features for {int(bad.sum())} of {n} "
                              f"videos (first ids {first})")
-    return VideoFeatures(a, v, ids[:n], labels[:n])
+    return VideoFeatures(a, v, ids[:n], labels[:n], cov)
+
+
+def coverage(loader, evaluated: int, limit: int | None = None) -> dict | None:
+    """``{"evaluated", "in_manifest", "skipped": {reason: n}, "limit", "line"}`` for a loader that
+    knows its manifest (both tgdp loaders), else None. ``line``: "N evaluated of M in the manifest
+    (root); skipped: ..." for the report."""
+    man = getattr(loader, "manifest", None)
+    if not isinstance(man, dict):
+        return None
+    m = int(man.get("num_samples", 0))
+    skipped = {k: int(v) for k, v in sorted(dict(getattr(loader, "skipped", {}) or {}).items()) if v}
+    why = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    line = f"{evaluated} evaluated of {m} in the manifest ({getattr(loader, 'root', '?')}); skipped: {why}"
+    if limit is not None and evaluated >= limit and evaluated < m:
+        line += f"; stopped at eval.retrieval_videos={limit}"
+    return {"evaluated": evaluated, "in_manifest": m, "skipped": skipped, "limit": limit, "line": line}

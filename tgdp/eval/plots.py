@@ -159,25 +159,65 @@ def plot_retrieval_examples(sim, query_images: Sequence, candidate_images: Seque
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """Training log records: JSON lines, a JSON list (or {"history": [...]}), or CSV with a header."""
+    """Training log records: JSON lines (``.jsonl``, or any file of one JSON object per line), a JSON
+    list (or ``{"history": [...]}`` / ``{"log": [...]}``), or CSV with a header.
+
+    A ``.jsonl`` file is always read line by line, so a log of exactly one row is one record. A
+    torn last line (a run killed mid-write) is left out.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"log file {path} does not exist")
     text = path.read_text()
     if path.suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
+    elif path.suffix == ".jsonl":
+        rows = _json_lines(path, text)
     else:
         try:
             obj = json.loads(text)
-            rows = obj.get("history", obj.get("log")) if isinstance(obj, dict) else obj
         except json.JSONDecodeError:
-            try:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"log file {path} is neither JSON, JSON lines nor CSV: {exc}") from exc
+            rows = _json_lines(path, text)
+        else:
+            if isinstance(obj, dict):
+                inner = obj.get("history", obj.get("log"))
+                rows = inner if inner is not None else [obj]   # a one-record log
+            else:
+                rows = obj
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"log file {path} holds no records (expected a list of dicts)")
     return rows
+
+
+def _json_lines(path: Path, text: str) -> list:
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1 and rows:
+                break   # the torn last line of a killed writer
+            raise ValueError(f"log file {path} is neither JSON, JSON lines nor CSV: {exc}") from exc
+    return rows
+
+
+def _one_run(rows: list[dict], xkey: str | None) -> list[dict]:
+    """The rows of the last run in the log (by ``run_id``), one per x value (the last one written),
+    in increasing x: a log that holds two runs, or a resumed run's repeated steps, never makes a
+    curve run backwards."""
+    ids = [r.get("run_id") for r in rows]
+    last = next((i for i in reversed(ids) if i is not None), None)
+    if last is not None:
+        rows = [r for r in rows if r.get("run_id") in (last, None)]
+    if xkey is None:
+        return rows
+    by_x: dict = {}
+    for r in rows:
+        x = _num(r.get(xkey))
+        if x is not None:
+            by_x[x] = r
+    return [by_x[x] for x in sorted(by_x)]
 
 
 def _num(x) -> float | None:
@@ -194,12 +234,14 @@ def plot_loss_curves(log, path: str | os.PathLike, keys: Sequence[str] | None = 
 
     x axis: "step", else "epoch", else the record index. keys: the series to draw (default every
     numeric field whose name contains "loss"). Non-finite values are left out of a curve (shown as
-    a gap), and a key with no numeric value raises ValueError.
+    a gap), and a key with no numeric value raises ValueError. Only the last run of a log is drawn,
+    one point per step, in step order (:func:`_one_run`).
     """
     rows = read_log(log) if isinstance(log, (str, os.PathLike)) else list(log)
     if not rows:
         raise ValueError("no log records to plot")
     xkey = next((k for k in ("step", "epoch") if all(k in r for r in rows)), None)
+    rows = _one_run(rows, xkey)
     if keys is None:
         keys = sorted({k for r in rows for k in r if "loss" in k and _num(r[k]) is not None})
         if not keys:

@@ -1,17 +1,25 @@
-"""Attention probe on frozen per-frame globals (paper §4.2, supplement §1.4 / Table 1).
+"""Attention probe on frozen per-frame features (paper §4.2, supplement §1.4 and Table 1).
 
-For each video the frozen encoders give per-frame globals ``g_a[t], g_v[t]`` (t < T = 16). The
-probe builds a token sequence from them: modality ``m`` in {audio, video} (both, or one for the
-unimodal probes), each token ``g_m[t] + E_mod[m] + E_frame[t]`` (learned embeddings), prepends
-a learnable CLS, runs a 2-layer pre-norm transformer, and classifies the CLS output with a linear
-head. Inputs are standardised per dimension with training-set statistics (ASSUMPTION, MAE's
-linear-probe BatchNorm without affine). ASSUMPTION: one token per (frame, modality) (the paper's "concatenated" sequence) rather
-than one 2D-wide token per frame; the official probing code is unreleased.
+Settings: the ``probe`` config section (:class:`tgdp.configs.ProbeConfig`; Table 1 columns in
+:data:`tgdp.configs.PROBE_TASKS`). Heads and the features they read: :mod:`tgdp.eval.probe_heads`,
+:mod:`tgdp.eval.probe_features`. Tasks: ``multilabel`` (AudioSet: BCE, metric mAP) and
+``multiclass`` (VGGSound: CE, metric top-1).
 
-Tasks: ``multilabel`` (AudioSet-style: BCE, metric mAP) and ``multiclass`` (VGGSound-style: CE,
-metric top-1). Optimiser Adam (betas 0.95, 0.999), per-step schedule: linear warmup then cosine.
-Mixup (ASSUMPTION, CAV-MAE loader style): with probability ``mixup`` a sample is mixed with a
-random partner of the batch, ``lam ~ Beta(10, 10)``, inputs and targets mixed alike.
+Training follows the CAV-MAE fine-tuning code the supplement points to: Adam (betas 0.95, 0.999,
+weight decay 5e-7 added to the gradient), per-step linear warmup then cosine (Table 1); class-balanced
+sampling (sample weight = sum over its labels of 1000 / (class count + 0.01), drawn with replacement,
+n per epoch); label smoothing ``ls`` (target ``ls/C`` off the labels, ``1 - ls`` on them); mixup:
+with probability ``mixup`` a sample is mixed with a uniformly drawn training sample, ``lam ~
+Beta(10, 10)``, target ``ls/C + lam (1 - ls) y1 + (1 - lam)(1 - ls) y2``; weight averaging: the mean
+of the weights at the end of epochs ``wa_start..wa_end``. Differences, both forced by probing
+precomputed features once: mixup mixes the frozen features, not the input audio and frames, and
+there is no random time shift of the audio.
+
+The reported figure (``ProbeResult.result``) is never a maximum over the evaluation split:
+``probe.select = final`` reports the final model (the weight average when ``probe.wa``);
+``select = val`` carves ``val_frac`` of the TRAINING clips (stratified), trains on the rest and
+reports the candidate (each epoch's weights, and the average) best on that carved split. The
+per-epoch evaluation-split metrics in the history are curves, not a selection.
 
 mAP: mean over classes of average precision; a class with no positive in the evaluated set is
 excluded (its AP is undefined), and a set with no positive at all raises ValueError. AP uses the
@@ -23,128 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ProbeSettings", "AttentionProbe", "ProbeResult", "average_precision", "mean_average_precision",
-           "top1_accuracy", "encode_labels", "stratified_split", "train_probe", "evaluate_probe"]
+from tgdp.configs import ProbeConfig
+from tgdp.eval.probe_heads import OfficialProbeHead, TokenProbeHead, build_head
 
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """Probe hyper-parameters (defaults: VGGSound column of supplement Table 1, mixup off).
-
-    The presets :meth:`vggsound` / :meth:`audioset` turn mixup on at 0.5 (ASSUMPTION: Table 1 says
-    only "Mixup: Yes"; 0.5 is CAV-MAE's fine-tuning value). Weight averaging (Table 1: "Yes") is
-    not implemented: the per-epoch metrics of the final weights are reported.
-    """
-
-    task: Literal["multiclass", "multilabel"] = "multiclass"
-    modality: Literal["both", "audio", "video"] = "both"
-    epochs: int = 10
-    batch_size: int = 48
-    lr: float = 1e-3
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.95, 0.999)
-    weight_decay: float = 0.0
-    mixup: float = 0.0               # probability of mixing a sample (0 = off)
-    mixup_beta: float = 10.0         # lam ~ Beta(mixup_beta, mixup_beta) (CAV-MAE)
-    depth: int = 2
-    num_heads: int = 8
-    seed: int = 0
-
-    def validate(self) -> "ProbeSettings":
-        checks = [
-            (self.task in ("multiclass", "multilabel"), "task", "must be 'multiclass' or 'multilabel'"),
-            (self.modality in ("both", "audio", "video"), "modality", "must be 'both', 'audio' or 'video'"),
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.lr > 0, "lr", "must be > 0"),
-            (0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
-            (0 <= self.mixup <= 1, "mixup", "must be in [0, 1]"),
-            (self.mixup_beta > 0, "mixup_beta", "must be > 0"),
-            (self.depth >= 1, "depth", "must be >= 1"),
-            (self.num_heads >= 1, "num_heads", "must be >= 1"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"probe.{name}={getattr(self, name)!r} {why}")
-        return self
-
-    @classmethod
-    def vggsound(cls, **overrides) -> "ProbeSettings":
-        """VGG LP column of supplement Table 1 (CE, top-1); ``overrides`` replace any field."""
-        base = dict(task="multiclass", epochs=10, batch_size=48, lr=1e-3, warmup_epochs=1.0, mixup=0.5)
-        return cls(**{**base, **overrides}).validate()
-
-    @classmethod
-    def audioset(cls, **overrides) -> "ProbeSettings":
-        """AS20K LP column of supplement Table 1 (BCE, mAP); ``overrides`` replace any field."""
-        base = dict(task="multilabel", epochs=15, batch_size=48, lr=5e-2, warmup_epochs=1.5, mixup=0.5)
-        return cls(**{**base, **overrides}).validate()
-
-
-class AttentionProbe(nn.Module):
-    """CLS + per-(frame, modality) tokens -> 2-layer transformer -> linear head.
-
-    forward(a, v): a, v [B, T, D] (either may be None if the probe is unimodal) -> logits [B, C].
-    """
-
-    def __init__(self, dim: int, num_classes: int, num_frames: int = 16, modality: str = "both",
-                 depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"probe dim={dim} must be divisible by num_heads={num_heads}")
-        if num_classes < 1 or num_frames < 1:
-            raise ValueError(f"num_classes={num_classes} and num_frames={num_frames} must be >= 1")
-        self.modality = modality
-        self.mods = {"both": ("audio", "video"), "audio": ("audio",), "video": ("video",)}[modality]
-        self.num_frames = num_frames
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.mod_embed = nn.Parameter(torch.zeros(len(self.mods), 1, dim))
-        self.frame_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
-        for p in (self.cls, self.mod_embed, self.frame_embed):
-            nn.init.trunc_normal_(p, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        # Per-dimension input standardisation with training-set statistics (set_input_stats), like
-        # the affine-free BatchNorm in front of MAE's linear probe: frozen globals early in
-        # pretraining share a large common component that would otherwise swamp the class signal.
-        self.register_buffer("in_mean", torch.zeros(len(self.mods), dim))
-        self.register_buffer("in_std", torch.ones(len(self.mods), dim))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    @torch.no_grad()
-    def set_input_stats(self, a: torch.Tensor | None, v: torch.Tensor | None, eps: float = 1e-6) -> None:
-        """Store per-dimension mean / std over (videos, frames) of the training features a, v: [N, T, D]."""
-        given = {"audio": a, "video": v}
-        for i, m in enumerate(self.mods):
-            x = given[m].reshape(-1, given[m].shape[-1]).float()
-            self.in_mean[i] = x.mean(0)
-            self.in_std[i] = x.std(0, unbiased=False) + eps
-
-    def forward(self, a: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
-        given = {"audio": a, "video": v}
-        seqs = []
-        for i, m in enumerate(self.mods):
-            x = given[m]
-            if x is None or x.ndim != 3 or x.shape[1] != self.num_frames:
-                shape = None if x is None else tuple(x.shape)
-                raise ValueError(f"{m} input must be [B, {self.num_frames}, D], got {shape}")
-            x = (x - self.in_mean[i]) / self.in_std[i]
-            seqs.append(x + self.mod_embed[i] + self.frame_embed)     # [B, T, D]
-        x = torch.cat(seqs, dim=1)                                     # [B, M*T, D]
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+M*T, D]
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])
+__all__ = ["ProbeConfig", "OfficialProbeHead", "TokenProbeHead", "ProbeResult", "average_precision",
+           "mean_average_precision", "top1_accuracy", "encode_labels", "stratified_split",
+           "soft_targets", "class_balanced_weights", "train_probe", "evaluate_probe"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -238,14 +136,17 @@ def stratified_split(labels: list[list[str]], val_frac: float, seed: int = 0) ->
 
 @dataclass
 class ProbeResult:
-    model: AttentionProbe
-    history: list[dict] = field(default_factory=list)   # one dict per epoch
-    settings: dict = field(default_factory=dict)
-    metric: str = "top1"
+    """``result``: the reported figure (``metric`` on the evaluation split of the ``chosen`` model);
+    ``model`` holds the chosen weights; ``history``: one dict per epoch."""
 
-    @property
-    def best(self) -> float:
-        return max(h[self.metric] for h in self.history)
+    model: nn.Module
+    metric: str
+    result: float
+    chosen: str
+    history: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    num_train: int = 0
+    num_select: int = 0
 
 
 def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -257,14 +158,34 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], flo
     return f
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+def soft_targets(y: torch.Tensor, smooth: float, partner: torch.Tensor | None = None,
+                 lam: torch.Tensor | None = None, mixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Training targets from multi-hot ``y`` [B, C] as the CAV-MAE loader builds them: plain rows get
+    ``1 - smooth`` on the labels and ``smooth / C`` elsewhere; rows with ``mixed`` [B] set, mixed with
+    multi-hot ``partner`` [B, C] at ``lam`` [B], get ``smooth / C + (1 - smooth)(lam y + (1 - lam) partner)``."""
+    c = y.shape[1]
+    plain = torch.where(y > 0, torch.full_like(y, 1.0 - smooth), torch.full_like(y, smooth / c))
+    if partner is None:
+        return plain
+    mix = smooth / c + (1 - smooth) * (lam[:, None] * y + (1 - lam[:, None]) * partner)
+    return torch.where(mixed[:, None], mix, plain)
+
+
+def class_balanced_weights(y: torch.Tensor) -> torch.Tensor:
+    """Sampling weight per sample [N] from multi-hot ``y`` [N, C]: the sum over the sample's labels
+    of ``1000 / (class count + 0.01)`` (CAV-MAE ``gen_weight_file.py``)."""
+    count = y.sum(0)
+    return (y * (1000.0 / (count + 0.01))).sum(1)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
     if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y)
-    return -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()   # soft targets (mixup)
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()   # CE with soft targets
 
 
 @torch.no_grad()
-def evaluate_probe(model: AttentionProbe, a: torch.Tensor, v: torch.Tensor, y: torch.Tensor, task: str,
+def evaluate_probe(model: nn.Module, a: torch.Tensor, v: torch.Tensor, y: torch.Tensor, task: str,
                    batch_size: int = 256) -> dict:
     """{"loss", "mAP" or "top1"} on a feature set (a, v [N, T, D]; y as from encode_labels)."""
     model.eval()
@@ -273,9 +194,9 @@ def evaluate_probe(model: AttentionProbe, a: torch.Tensor, v: torch.Tensor, y: t
                         for i in range(0, len(a), batch_size)])
     y = y.to(dev)
     if task == "multilabel":
-        return {"loss": float(_loss(logits, y, task)), "mAP": mean_average_precision(logits, y)}
-    n_cls = logits.shape[1]
-    return {"loss": float(_loss(logits, F.one_hot(y, n_cls).float(), task)), "top1": top1_accuracy(logits, y)}
+        return {"loss": float(_loss(logits, y.float(), task)), "mAP": mean_average_precision(logits, y)}
+    return {"loss": float(_loss(logits, F.one_hot(y, logits.shape[1]).float(), task)),
+            "top1": top1_accuracy(logits, y)}
 
 
 def _check_split(name: str, a: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> None:
@@ -290,69 +211,116 @@ def _check_split(name: str, a: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -
             raise ValueError(f"{name}: {m} features contain NaN/Inf")
 
 
-def train_probe(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_classes: int,
-                settings: ProbeSettings = ProbeSettings(), device: torch.device | str | None = None,
-                log: Callable[[dict], None] | None = None) -> ProbeResult:
-    """Train an :class:`AttentionProbe` on precomputed features; evaluate on ``val`` every epoch.
+def _carve(train, cfg: ProbeConfig):
+    """(train rest, selection split) of the training features, stratified by the first label."""
+    a, v, y = train
+    firsts = y.tolist() if cfg.task == "multiclass" else y.float().argmax(1).tolist()
+    tr, sel = stratified_split([[str(c)] for c in firsts], cfg.val_frac, cfg.seed)
+    return (a[tr], v[tr], y[tr]), (a[sel], v[sel], y[sel])
 
-    train, val: (a [N, T, D], v [N, T, D], y) with y [N] long (multiclass) or [N, C] float
-    (multilabel). Returns the probe and per-epoch ``{"epoch", "lr", "train_loss", "val_loss",
-    "top1" | "mAP"}``; ``log`` is called with each epoch's dict.
+
+def train_probe(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                evaluation: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_classes: int,
+                cfg: ProbeConfig = ProbeConfig(), device: torch.device | str | None = None,
+                log: Callable[[dict], None] | None = None) -> ProbeResult:
+    """Train the ``cfg.head`` probe on precomputed features and report its figure on ``evaluation``.
+
+    train, evaluation: (a [N, T, D], v [N, T, D], y) with y [N] long (multiclass) or [N, C] float
+    (multilabel). ``log`` is called with each epoch's history dict. See the module docstring for
+    what ``result`` is.
     """
-    s = settings.validate()
+    cfg.validate()
     _check_split("train", *train)
-    _check_split("val", *val)
-    # The probe init and the mixup Beta draws use the global RNG: fork it so a seeded run is
+    _check_split("evaluation", *evaluation)
+    select = None
+    if cfg.select == "val":
+        train, select = _carve(train, cfg)
+    # The head init and the mixup Beta draws use the global RNG: fork it so a seeded run is
     # reproducible without changing the caller's random state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s.seed)
-        return _train(train, val, num_classes, s, device, log)
+        torch.manual_seed(cfg.seed)
+        return _train(train, evaluation, select, num_classes, cfg, device, log)
 
 
-def _train(train, val, num_classes: int, s: ProbeSettings, device, log) -> ProbeResult:
+def _train(train, evaluation, select, num_classes: int, cfg: ProbeConfig, device, log) -> ProbeResult:
     a, v, y = train
     n, t, d = a.shape
     device = torch.device(device) if device is not None else a.device
-    gen = torch.Generator().manual_seed(s.seed)
-    model = AttentionProbe(d, num_classes, t, s.modality, s.depth, s.num_heads).to(device)
-    model.set_input_stats(a.to(device), v.to(device))
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-    steps_per_epoch = math.ceil(n / s.batch_size)
-    total = s.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, int(round(s.warmup_epochs * steps_per_epoch)), s.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_head(cfg.head, d, num_classes, t, cfg.modality, cfg.depth, cfg.num_heads).to(device)
     a, v = a.to(device), v.to(device)
-    y = (F.one_hot(y, num_classes).float() if s.task == "multiclass" else y.float()).to(device)
-    metric = "mAP" if s.task == "multilabel" else "top1"
-    result = ProbeResult(model, settings=asdict(s), metric=metric)
-    beta = torch.distributions.Beta(torch.tensor(s.mixup_beta), torch.tensor(s.mixup_beta))
-    for epoch in range(s.epochs):
+    if isinstance(model, TokenProbeHead):
+        model.set_input_stats(a, v)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    steps = math.ceil(n / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.epochs * steps, int(round(cfg.warmup_epochs * steps)), cfg.min_lr_ratio))
+    hot = (F.one_hot(y, num_classes).float() if cfg.task == "multiclass" else y.float()).to(device)
+    weights = class_balanced_weights(hot).cpu() if cfg.class_balanced else None
+    metric = "mAP" if cfg.task == "multilabel" else "top1"
+    beta = torch.distributions.Beta(torch.tensor(cfg.mixup_beta), torch.tensor(cfg.mixup_beta))
+    wa_end = cfg.wa_end or cfg.epochs
+    wa_sum, best, history = None, None, []
+    for epoch in range(1, cfg.epochs + 1):
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
+                 else torch.randperm(n, generator=gen)).to(device)
         loss_sum = torch.zeros((), device=device)
-        for i in range(0, n, s.batch_size):
-            idx = perm[i:i + s.batch_size]
-            xa, xv, yt = a[idx], v[idx], y[idx]
-            if s.mixup > 0:
-                b = len(idx)
-                lam = beta.sample((b,)).to(device)
-                lam = torch.where(torch.rand(b, generator=gen).to(device) < s.mixup, lam, torch.ones_like(lam))
-                partner = torch.randperm(b, generator=gen).to(device)
-                lx = lam.view(b, 1, 1)
-                xa = lx * xa + (1 - lx) * xa[partner]
-                xv = lx * xv + (1 - lx) * xv[partner]
-                yt = lam.view(b, 1) * yt + (1 - lam.view(b, 1)) * yt[partner]
-            loss = _loss(model(xa, xv), yt, s.task)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            xa, xv, target = _batch(a, v, hot, idx, cfg, gen, beta)
+            loss = _loss(model(xa, xv), target, cfg.task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             loss_sum += loss.detach() * len(idx)     # stays on device: no per-step host sync
-        ev = evaluate_probe(model, *val, task=s.task)
-        rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(loss_sum) / n,
-               "val_loss": ev["loss"], metric: ev[metric]}
-        result.history.append(rec)
+        if cfg.wa and cfg.wa_start <= epoch <= wa_end:
+            sd = model.state_dict()
+            wa_sum = ({k: x.detach().double() for k, x in sd.items()} if wa_sum is None
+                      else {k: wa_sum[k] + sd[k].double() for k in wa_sum})
+        rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": float(loss_sum) / n,
+               f"eval_{metric}": evaluate_probe(model, *evaluation, task=cfg.task)[metric]}
+        if select is not None:
+            rec[f"select_{metric}"] = evaluate_probe(model, *select, task=cfg.task)[metric]
+            if best is None or rec[f"select_{metric}"] > best[0]:
+                best = (rec[f"select_{metric}"], f"epoch {epoch}", _copy_state(model))
+        history.append(rec)
         if log is not None:
             log(rec)
-    return result
+    chosen = f"epoch {cfg.epochs} (final)"
+    if wa_sum is not None:
+        count = wa_end - cfg.wa_start + 1
+        ref = model.state_dict()
+        model.load_state_dict({k: (x / count).to(ref[k].dtype) for k, x in wa_sum.items()})
+        chosen = f"weight average of epochs {cfg.wa_start}-{wa_end}"
+    if select is not None:
+        # the final / averaged model competes with the best epoch on the carved split (ties: final)
+        if evaluate_probe(model, *select, task=cfg.task)[metric] < best[0]:
+            model.load_state_dict(best[2])
+            chosen = best[1]
+        chosen += f", selected on {len(select[0])} carved training clips"
+    result = evaluate_probe(model, *evaluation, task=cfg.task)[metric]
+    return ProbeResult(model, metric, result, chosen, history, asdict(cfg), num_train=n,
+                       num_select=0 if select is None else len(select[0]))
+
+
+def _batch(a: torch.Tensor, v: torch.Tensor, hot: torch.Tensor, idx: torch.Tensor, cfg: ProbeConfig,
+           gen: torch.Generator, beta: torch.distributions.Beta):
+    """Features [b, T, D] x 2 and soft targets [b, C] of the rows ``idx``, with mixup: each row is
+    mixed, with probability ``cfg.mixup``, with a uniformly drawn training row at ``lam ~ Beta``."""
+    xa, xv = a[idx], v[idx]
+    if cfg.mixup == 0:
+        return xa, xv, soft_targets(hot[idx], cfg.label_smooth)
+    b, dev = len(idx), a.device
+    mix = torch.rand(b, generator=gen).to(dev) < cfg.mixup
+    lam = torch.where(mix, beta.sample((b,)).to(dev), torch.ones(b, device=dev))
+    partner = torch.randint(0, len(a), (b,), generator=gen).to(dev)
+    lx = lam.view(b, 1, 1)
+    return (lx * xa + (1 - lx) * a[partner], lx * xv + (1 - lx) * v[partner],
+            soft_targets(hot[idx], cfg.label_smooth, hot[partner], lam, mix))
+
+
+def _copy_state(model: nn.Module) -> dict:
+    return {k: x.detach().clone() for k, x in model.state_dict().items()}

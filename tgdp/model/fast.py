@@ -17,7 +17,11 @@ forwards. What changes:
 - **No explicit attention map**: SDPA / FlashAttention everywhere (decoder included); teacher
   scores come from :func:`tgdp.ops.patch_global_scores` on the joint layer's q, k and the softmax
   log-sum-exp the attention backend returns.
-- **Static shapes**: every view length is fixed by the config (see :mod:`tgdp.model.packing`).
+- **Static shapes**: every view length is fixed by the config (see :mod:`tgdp.model.packing`);
+  :meth:`FastCAVMAESync.prepare_layouts` builds a batch size's layouts before a compiled forward.
+- **Blocks are called as modules** (:class:`PackedBlock`, the reference ``Block`` plus a packed
+  forward): FSDP2 shards each block as its own unit, so its all-gather / reduce-scatter overlap with
+  the neighbouring blocks' compute (``tgdp.training.distributed``).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from tgdp.configs import ModelConfig
 from tgdp.masking import Masks
 from tgdp.model.attention import VarlenMeta, resolve_backend, varlen_attention
 from tgdp.model.packing import gather_rows, group_view, split_groups, view_layout
+from tgdp.reference.blocks import Block
 from tgdp.reference.model import CAVMAESync, StudentOutput, TeacherOutput
 from tgdp.validate import check_masks
 
-__all__ = ["FastCAVMAESync", "packed_block", "segment_layer_norm"]
+__all__ = ["FastCAVMAESync", "PackedBlock", "packed_block", "segment_layer_norm"]
 
 
 def segment_layer_norm(x: Tensor, meta: VarlenMeta, norms: Sequence[nn.LayerNorm]) -> Tensor:
@@ -77,6 +82,22 @@ def packed_block(blk: nn.Module, x: Tensor, meta: VarlenMeta, modalities: Sequen
     return (x, (q, k, lse)) if return_qk else x
 
 
+class PackedBlock(Block):
+    """The reference :class:`Block` (same parameters, same names) with a packed forward.
+
+    ``blk(x, packed=meta, modalities=..., backend=...)`` runs :func:`packed_block` on packed rows
+    x [total, D]; without ``packed`` it is the reference ``Block.forward``. Calling the block as a
+    module (rather than applying its weights functionally) is what lets FSDP2 hook it: each block is
+    one FSDP unit, all-gathered just before its forward and resharded after it.
+    """
+
+    def forward(self, x: Tensor, *args, packed: VarlenMeta | None = None, modalities: Sequence[str | None] = (),
+                backend: str = "sdpa", return_qk: bool = False, **kwargs):
+        if packed is None:
+            return super().forward(x, *args, **kwargs)
+        return packed_block(self, x, packed, modalities, backend=backend, return_qk=return_qk)
+
+
 def _pack_view(x: Tensor, cls: Tensor, regs: Tensor, ids_keep: Tensor | None) -> Tensor:
     """One view of a modality as packed rows: x [B, N, D] patch tokens, cls [1, 1, D], regs [R, D],
     ids_keep [B, k] or None (all patches in patch order) -> [B * (1 + k + R), D]."""
@@ -93,6 +114,8 @@ class FastCAVMAESync(CAVMAESync):
     The attention backend (``cfg.attn_backend``) is resolved once per device on first use.
     """
 
+    block_cls = PackedBlock
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__(cfg, device=device, dtype=dtype)
         self._backends: dict[str, str] = {}
@@ -103,11 +126,27 @@ class FastCAVMAESync(CAVMAESync):
             self._backends[key] = resolve_backend(self.cfg.attn_backend, device)
         return self._backends[key]
 
+    def prepare_layouts(self, batch: int, rec_keep: tuple[int, int], con_keep: tuple[int, int],
+                        device: torch.device | str) -> None:
+        """Build (once; cached) every layout the forwards use at this batch size: student views with
+        ``rec_keep`` / ``con_keep`` visible patches (audio, video), the teacher's and feature
+        extraction's full views, the joint passes and the decoder. Call before a compiled forward
+        so the traced graph reads the cached ``cu_seqlens`` (the forwards build exactly these keys:
+        tests/test_hot_path.py)."""
+        self.attention_backend(torch.device(device))   # resolved eagerly too (a constant once traced)
+        c, r = self.cfg, self.cfg.num_register_tokens
+        na, nv = c.num_patches_a, c.num_patches_v
+        (ra, rv), (ca, cv) = rec_keep, con_keep
+        for views in ([(batch, 1 + ra + r), (batch, 1 + ca + r)], [(batch, 1 + rv + r), (batch, 1 + cv + r)],
+                      [(batch, ra + rv), (batch, 1 + ca), (batch, 1 + cv)], [(batch, na + nv)],
+                      [(batch, 1 + na + r)], [(batch, 1 + nv + r)], [(batch, 1 + na), (batch, 1 + nv)]):
+            view_layout(views, device)
+
     # ------------------------------------------------------------------ packed pieces
 
     def _blocks(self, blocks, x: Tensor, meta, modalities, backend: str) -> Tensor:
         for blk in blocks:
-            x = packed_block(blk, x, meta, modalities, backend=backend)
+            x = blk(x, packed=meta, modalities=modalities, backend=backend)
         return x
 
     def _encode_views(self, a: Tensor, v: Tensor, views_a, views_v, backend: str):
@@ -138,9 +177,9 @@ class FastCAVMAESync(CAVMAESync):
         last = len(self.blocks_u) - 1
         for i, blk in enumerate(self.blocks_u):
             if return_qk and i == last:
-                x, qk = packed_block(blk, x, meta, modalities, backend=backend, return_qk=True)
+                x, qk = blk(x, packed=meta, modalities=modalities, backend=backend, return_qk=True)
             else:
-                x = packed_block(blk, x, meta, modalities, backend=backend)
+                x = blk(x, packed=meta, modalities=modalities, backend=backend)
         return split_groups(x, meta), qk, meta
 
     def decode(self, x: Tensor, masks: tuple[Masks, Masks]) -> tuple[Tensor, Tensor]:

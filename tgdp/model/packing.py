@@ -13,15 +13,19 @@ keyed by lengths, so the cache holds them all), one captured graph per bucket (s
 by the step's bucket on the host, where the ratio is drawn, so no device read is needed), and a
 static input buffer per bucket for ``ids_keep``. Nothing else in the model changes.
 
-CUDA graphs: run one eager step before capturing, so every layout is already cached (building one
-copies ``cu_seqlens`` host -> device, which is not allowed while capturing). The forwards read no
-device value on the host (``torch.compile(fullgraph=True)`` of ``student_forward`` traces without a
-graph break; see tests/test_fast_model.py).
+Built once per (layout, device) and cached on the device (:data:`_LAYOUTS`): ``cu_seqlens`` is
+made on the device by ``arange`` (no host tensor, no host->device copy) and marked as a static
+address, so a compiled forward reads it as a graph *input* at a fixed address (CUDA graphs replay
+it without a copy). Build the layouts of a batch size before compiling (``TGDP.prepare_layouts``;
+``train_step`` does it every step, a few dict lookups): a layout first met while Dynamo traces is
+built inside the graph instead (the same ``arange``, device work only), never cached from there.
+The traced training forward holds no ``torch.tensor`` and no device ``.to`` (tests/test_hot_path.py).
+The forwards read no device value on the host (``torch.compile(fullgraph=True)`` of the training
+forward traces without a graph break).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,12 +36,18 @@ from tgdp.model.attention import SegmentGroup, VarlenMeta
 __all__ = ["view_layout", "gather_rows", "split_groups", "group_view"]
 
 
+# (views, device) -> VarlenMeta. A plain dict (not functools.lru_cache, which Dynamo inlines past):
+# Dynamo reads an existing entry as a graph input and guards only on that entry.
+_LAYOUTS: dict[tuple, VarlenMeta] = {}
+_MAX_LAYOUTS = 256
+
+
 def view_layout(views: Sequence[tuple[int, int]], device: torch.device | str) -> VarlenMeta:
     """Layout of views packed back to back.
 
     views: ``(count, length)`` per view (``count`` sequences of ``length`` tokens each), e.g.
     ``[(B, 1 + k_rec + R), (B, 1 + k_con + R)]``. Equal calls return the same cached object, so the
-    cu_seqlens tensor is built (one host->device copy) once per layout and device.
+    cu_seqlens tensor is built (on the device, no host copy) once per layout and device.
     """
     key = tuple((int(c), int(n)) for c, n in views)
     if not key:
@@ -45,23 +55,30 @@ def view_layout(views: Sequence[tuple[int, int]], device: torch.device | str) ->
     for c, n in key:
         if c < 1 or n < 1:
             raise ValueError(f"view (count={c}, length={n}) must have count >= 1 and length >= 1")
+    dev = torch.device(device)
+    meta = _LAYOUTS.get((key, str(dev)))
+    if meta is not None:
+        return meta
     if torch.compiler.is_compiling():
-        # Under torch.compile the layout is traced once into the graph as constants; skip the cache
-        # wrapper explicitly (Dynamo would ignore it anyway, with a warning).
-        return _cached_layout.__wrapped__(key, str(torch.device(device)))
-    return _cached_layout(key, str(torch.device(device)))
+        # Not prepared before tracing: build it inside the graph (device arange, no host work).
+        return _build_layout(key, dev)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        del _LAYOUTS[next(iter(_LAYOUTS))]   # oldest first
+    meta = _LAYOUTS[(key, str(dev))] = _build_layout(key, dev)
+    torch._dynamo.mark_static_address(meta.cu_seqlens)   # a fixed address for CUDA-graph replays
+    return meta
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_layout(views: tuple[tuple[int, int], ...], device: str) -> VarlenMeta:
-    groups, start, lengths = [], 0, []
+def _build_layout(views: tuple[tuple[int, int], ...], device: torch.device) -> VarlenMeta:
+    """cu_seqlens [S + 1] int32 = [0, L0, 2 L0, ..., total]: per view an arange on the device."""
+    groups, start, parts = [], 0, []
     for count, length in views:
         groups.append(SegmentGroup(start, count, length))
+        parts.append(torch.arange(start, start + count * length, length, dtype=torch.int32, device=device))
         start += count * length
-        lengths += [length] * count
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    return VarlenMeta(cu_seqlens=cu.to(device), max_seqlen=max(lengths), groups=tuple(groups))
+    parts.append(torch.full((1,), start, dtype=torch.int32, device=device))
+    cu = torch.cat(parts)
+    return VarlenMeta(cu_seqlens=cu, max_seqlen=max(n for _, n in views), groups=tuple(groups))
 
 
 def gather_rows(x: Tensor, ids: Tensor) -> Tensor:

@@ -52,6 +52,8 @@ _SCHEDULES = ("fast", "official")
 class CAVMAESync(nn.Module):
     """CAV-MAE Sync with CLS + registers (the TG-DP backbone). All geometry comes from ``cfg``."""
 
+    block_cls = Block   # subclasses may add forwards (the fast model's packed one); same parameters
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         cfg.validate()
@@ -72,7 +74,7 @@ class CAVMAESync(nn.Module):
         self.patch_embed_v = PatchEmbed(cfg.in_chans, d, cfg.patch_size, **kw)
 
         def blocks(n: int, dim: int, heads: int) -> nn.ModuleList:
-            return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, cfg.ln_eps, **kw) for _ in range(n))
+            return nn.ModuleList(self.block_cls(dim, heads, cfg.mlp_ratio, cfg.ln_eps, **kw) for _ in range(n))
 
         self.blocks_a = blocks(cfg.modality_specific_depth, d, cfg.num_heads)
         self.blocks_v = blocks(cfg.modality_specific_depth, d, cfg.num_heads)

@@ -18,7 +18,7 @@ from torch import nn
 from tgdp.configs import Config, ConfigError
 
 __all__ = ["DistInfo", "check_world", "init_distributed", "shutdown", "wrap_student", "shard_teacher",
-           "ema_update_", "all_reduce_", "barrier", "unwrap", "local_tensors", "is_fsdp"]
+           "ema_update_", "all_reduce_", "barrier", "unwrap", "local_tensors", "is_fsdp", "unused_parameters"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,15 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def _fsdp_shard(module: nn.Module, cfg: Config, forward_methods: tuple[str, ...]) -> None:
-    """FSDP2: shard every block of every ModuleList (one all-gather per block), then the root."""
+    """FSDP2: every block of every ModuleList is its own unit, then the root.
+
+    Both models call their blocks as modules (the fast model's :class:`tgdp.model.fast.PackedBlock`
+    runs the packed forward through ``__call__``), so FSDP2's hooks all-gather a block's parameters
+    just before it runs and reshard them after, and its backward reduce-scatters per block: the
+    communication of one block overlaps the compute of its neighbours. With ``train.fsdp_bf16`` the
+    policy computes in bf16 (each unit casts its floating inputs, e.g. the fp32 activations that
+    the fp32 sin-cos tables produce, to bf16) and reduces gradients in fp32.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -105,16 +113,10 @@ def _fsdp_shard(module: nn.Module, cfg: Config, forward_methods: tuple[str, ...]
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.train.fsdp_bf16 else MixedPrecisionPolicy())
-    from tgdp.reference.model import CAVMAESync
-
-    # Per-block units need the blocks to be *called* (FSDP2 hooks their forward). The reference
-    # model calls them; the packed fast model applies them functionally (packed_block), so it is
-    # sharded as one unit: all of it is gathered around student_forward / teacher_forward.
-    if type(module) is CAVMAESync:
-        for child in module.modules():
-            if isinstance(child, nn.ModuleList):
-                for block in child:
-                    fully_shard(block, mesh=mesh, mp_policy=mp)
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)
     # The method calls student_forward / teacher_forward, not forward: register them so the root's
     # parameters (patch embeds, CLS, registers) are all-gathered around those calls too.
@@ -134,13 +136,32 @@ def wrap_student(method: nn.Module, student: nn.Module, cfg: Config, info: DistI
     if cfg.train.dist == "fsdp2":
         _fsdp_shard(student, cfg, FORWARD_METHODS)
         return method
+    # The official blocks carry three LayerNorm pairs and the modality-specific and decoder blocks
+    # run in the unified mode only: their audio/video pairs never get a gradient. They stay
+    # parameters (the state dict keeps the official keys), and DDP is told to leave them out, so
+    # it expects every other parameter's gradient each step and needs no per-step graph walk
+    # (find_unused_parameters). Not static_graph=True: DDP then queues its first all-reduce from a
+    # hook on the forward's output tensors, which it finds with torch.utils._pytree; our output is a
+    # dataclass, a pytree leaf, so no hook was placed and gradients were never averaged (measured,
+    # 2 gloo ranks, torch 2.13: rank gradients differed at every step; equal with a tuple output).
+    prefix = next(name for name, m in method.named_modules() if m is student)
+    ignored = [f"{prefix}.{n}" if prefix else n for n in unused_parameters(student)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignored)
     return nn.parallel.DistributedDataParallel(
         method, device_ids=[info.device.index] if info.device.type == "cuda" else None,
         broadcast_buffers=False,  # buffers are fixed sin-cos tables, identical on every rank
-        # The blocks carry the official three LayerNorm pairs and each pass uses only some of them.
-        # static_graph=True would avoid the per-step graph walk but did not all-reduce with our
-        # dataclass output (measured: rank grads stayed different), so unused params are searched.
-        find_unused_parameters=True)
+        find_unused_parameters=False)
+
+
+def unused_parameters(model: nn.Module) -> list[str]:
+    """Names of the student parameters no training step uses: the audio/video LayerNorm pairs
+    (``norm{1,2}_{a,v}``) of the modality-specific and decoder blocks, which only run unified.
+    (tests/test_distributed_units.py checks it is exactly the set left without a gradient.)"""
+    out = []
+    for lists in ("blocks_a", "blocks_v", "decoder_blocks"):
+        for i, _ in enumerate(getattr(model, lists, ())):
+            out += [f"{lists}.{i}.norm{j}_{m}.{w}" for j in (1, 2) for m in ("a", "v") for w in ("weight", "bias")]
+    return out
 
 
 def shard_teacher(teacher: nn.Module, cfg: Config, info: DistInfo) -> None:
@@ -180,4 +201,38 @@ def ema_update_(teacher: nn.Module, student: nn.Module, weight: torch.Tensor) ->
     s_loc = local_tensors(s_named[n] for n in names)
     if t_loc[0].dtype != s_loc[0].dtype:
         s_loc = [s.to(t.dtype) for s, t in zip(s_loc, t_loc)]
-    torch._foreach_lerp_(t_loc, s_loc, weight)
+    # Not torch._foreach_lerp_(t, s, weight): with a tensor weight it binds the Scalar overload,
+    # which reads the weight on the host (aten::item, a sync every step).
+    if t_loc[0].is_cuda:
+        _lerp_multi_tensor_(t_loc, s_loc, weight)
+    else:
+        # one lerp per tensor with the device weight: bitwise what the Scalar overload computed
+        # (the CPU has no multi-tensor kernels to lose)
+        torch._foreach_lerp_(t_loc, s_loc, [weight] * len(t_loc))
+
+
+def _lerp_multi_tensor_(t_loc: list, s_loc: list, weight: torch.Tensor) -> None:
+    """t += w * (s - t) (lerp's formula for w < 0.5) with the Tensor overloads of foreach sub/mul/add,
+    which keep ``weight`` on the device and run as multi-tensor kernels on CUDA (a per-tensor lerp
+    list would be one launch per parameter). The difference is a temporary, made in chunks of at
+    most _EMA_CHUNK elements. Equal to lerp within one rounding of the product."""
+    for i, j in _chunks([t.numel() for t in t_loc], _EMA_CHUNK):
+        diff = torch._foreach_sub(s_loc[i:j], t_loc[i:j])
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(t_loc[i:j], diff)
+
+
+_EMA_CHUNK = 1 << 26   # elements of the EMA temporary (256 MB in fp32)
+
+
+def _chunks(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive [i, j) ranges of ``sizes`` each summing to at most ``limit`` (a larger item alone)."""
+    out, start, acc = [], 0, 0
+    for k, n in enumerate(sizes):
+        if acc and acc + n > limit:
+            out.append((start, k))
+            start, acc = k, 0
+        acc += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out

@@ -1,5 +1,5 @@
 """Train with a validated config in this process: the checks before data, the data root, the
-start-up header, the :class:`~tgdp.training.loop.Trainer`, the loss plot.
+start-up header, the :class:`~tgdp.training.trainer.Trainer`, the loss plot.
 
 Shared by ``python -m tgdp.train`` (:mod:`tgdp.train`, the command line) and the demo job
 (:mod:`tgdp.training.demo`); both import this module and neither imports the other.
@@ -30,12 +30,8 @@ def check_before_data(cfg: Config, demo: bool = False) -> None:
     """Checks that need more than one config section, and the data folder's manifest; run before any
     data is read or a process group is created."""
     from tgdp.training.distributed import check_world
-    from tgdp.training.loop import fast_unsupported
 
     check_world(cfg)
-    why = fast_unsupported(cfg)
-    if cfg.train.model_impl == "fast" and why:
-        raise ConfigError(f"train.model_impl='fast' is not supported with {why}; use 'reference' or 'auto'")
     if cfg.data.root == "random" and cfg.train.steps <= 0:
         raise ConfigError("train.steps=0 with data.root='random': the noise source has no epochs; "
                           "set train.steps")
@@ -119,7 +115,7 @@ def train(cfg: Config, progress: bool = True, *, demo: bool = False, origin: Ori
     summary plus ``rank``, ``data_root`` and ``data_s`` (seconds spent making the data ready)."""
     from tgdp.training.distributed import init_distributed, shutdown
     from tgdp.training.header import model_lines, run_lines
-    from tgdp.training.loop import Trainer
+    from tgdp.training.trainer import Trainer
 
     check_before_data(cfg, demo)
     info = init_distributed(cfg)

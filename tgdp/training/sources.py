@@ -1,4 +1,4 @@
-"""Training data sources with a resumable position, and the CUDA prefetcher.
+"""Training data sources with a resumable position (moved to the device by :mod:`tgdp.training.prefetch`).
 
 ``data.root = "random"`` is a synthetic noise source for tests and benchmarks: global sample ``g``
 is a deterministic random ``(audio [T, F], frames [3, S, S])`` pair drawn from a generator seeded by
@@ -24,7 +24,8 @@ import torch
 from tgdp.configs import Config
 from tgdp.masking import Masks
 
-__all__ = ["TrainBatch", "HostMasks", "host_rec_masks", "RandomSource", "LoaderSource", "CachedSource", "Prefetcher", "make_source", "RANDOM_ROOT"]
+__all__ = ["TrainBatch", "HostMasks", "host_rec_masks", "RandomSource", "LoaderSource", "CachedSource", "make_source",
+           "RANDOM_ROOT"]
 
 RANDOM_ROOT = "random"
 
@@ -34,13 +35,15 @@ class TrainBatch:
     """audio: [b, T, F] float32; frames: [b, 3, S, S] float32 (this rank's rows of the global batch).
 
     masks_rec: (audio, video) reconstruction :class:`Masks` of these rows (``data.host_masks``), else
-    None; ``masks_event``: CUDA event the prefetcher records after copying them (frees the host slot).
+    None; ``masks_event``: CUDA event the prefetcher records after copying them (frees the host slot);
+    ``ready``: CUDA event recorded after the prefetcher's copies of this batch (the step waits on it).
     """
 
     audio: torch.Tensor
     frames: torch.Tensor
     masks_rec: tuple[Masks, Masks] | None = None
     masks_event: object = None
+    ready: object = None
 
 
 class HostMasks:
@@ -189,14 +192,18 @@ class LoaderSource:
         from tgdp.data.loader import make_loader
 
         self.loader = make_loader(cfg, "train", rank, world_size, root=root)
+        self.loader_batch = cfg.train.batch_size // world_size
         self.epoch, self.consumed = 0, 0
         self.step = 0   # batches handed out in the run (= training step): seeds the host masks
         self.host_masks = HostMasks(cfg, rank, world_size) if cfg.data.host_masks else None
         self._it = None
+        self._replayed: dict = {}   # skips met again while a resume replays its epoch (counted before)
 
     @property
     def skipped(self) -> dict:
-        return dict(getattr(self.loader, "skipped", {}))
+        """Corrupt samples skipped by this process's loader, by reason (a resume's replay excluded)."""
+        from collections import Counter
+        return dict(Counter(getattr(self.loader, "skipped", {})) - Counter(self._replayed))
 
     def _open(self) -> None:
         self.loader.set_epoch(self.epoch)
@@ -207,6 +214,7 @@ class LoaderSource:
             self._open()
             for _ in range(self.consumed):  # resume: replay the deterministic order up to the position
                 next(self._it)
+            self._replayed = dict(getattr(self.loader, "skipped", {}))
         for _ in range(2):
             try:
                 b = next(self._it)
@@ -215,8 +223,10 @@ class LoaderSource:
                 self.epoch, self.consumed = self.epoch + 1, 0
                 self._open()
         else:
-            raise RuntimeError("the training split yields no full batch; lower train.batch_size "
-                               "or add data")
+            from tgdp.cli import UserError
+            raise UserError(f"the training data yields no full batch of {self.loader_batch} clips (after "
+                            f"skipping corrupt samples: {self.skipped or 'none'}); lower --train.batch_size "
+                            "or add data")
         self.consumed += 1
         out = TrainBatch(b.audio, b.frames)
         if self.host_masks is not None:
@@ -313,55 +323,3 @@ def make_source(cfg: Config, rank: int = 0, world_size: int = 1, root: str | Non
     if cfg.data.cache_frames > 0:
         return CachedSource(cfg, rank, world_size, root=root)
     return LoaderSource(cfg, rank, world_size, root=root)
-
-
-class Prefetcher:
-    """Yields batches on ``device``; on CUDA the next batch is pinned and copied on a side stream while
-    the current step runs (the main stream waits on an event, never the host). Elsewhere a plain move."""
-
-    def __init__(self, source, device: torch.device):
-        self.source, self.device = source, device
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._next: TrainBatch | None = None
-        self._pos_before_next: dict | None = None  # source position not counting the prefetched batch
-
-    def state_dict(self) -> dict:
-        """Position of the batches handed out so far (the prefetched one is not consumed yet)."""
-        return self._pos_before_next if self._next is not None else self.source.state_dict()
-
-    def _fetch(self) -> TrainBatch:
-        self._pos_before_next = self.source.state_dict()
-        return self._copy(self.source.next())
-
-    def _copy(self, b: TrainBatch) -> TrainBatch:
-        with torch.cuda.stream(self._stream):
-            out = TrainBatch(b.audio.pin_memory().to(self.device, non_blocking=True),
-                             b.frames.pin_memory().to(self.device, non_blocking=True),
-                             _masks_to(b.masks_rec, self.device, non_blocking=True))
-            if b.masks_event is not None:
-                b.masks_event.record(self._stream)   # the host slot may be rewritten once this passes
-            return out
-
-    def next(self) -> TrainBatch:
-        if not self.cuda:
-            b = self.source.next()
-            return TrainBatch(b.audio.to(self.device), b.frames.to(self.device),
-                              _masks_to(b.masks_rec, self.device))
-        if self._next is None:
-            self._next = self._fetch()
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        cur = self._next
-        extra = [t for m in (cur.masks_rec or ()) for t in (m.ids_keep, m.ids_restore, m.mask)]
-        for t in (cur.audio, cur.frames, *extra):
-            t.record_stream(torch.cuda.current_stream(self.device))  # keep memory alive for this stream
-        self._next = self._fetch()
-        return cur
-
-
-def _masks_to(pair: tuple[Masks, Masks] | None, device: torch.device, non_blocking: bool = False):
-    if pair is None:
-        return None
-    return tuple(Masks(m.ids_keep.to(device, non_blocking=non_blocking),
-                       m.ids_restore.to(device, non_blocking=non_blocking),
-                       m.mask.to(device, non_blocking=non_blocking)) for m in pair)
