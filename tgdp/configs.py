@@ -169,7 +169,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # folder of shards (manifest.json); "" = the embedded demo set; "random" = synthetic noise source
+    # folder of shards (manifest.json); "" = none: training needs it or --demo (the embedded demo set); "random" = synthetic noise source
     # for tests/benchmarks (global sample i -> a deterministic random pair seeded by (train.seed, i),
     # so single-process and distributed runs with the same global batch see identical data)
     root: str = ""

@@ -125,7 +125,7 @@ def _main(argv: list[str]) -> int:
     ap = parser("tgdp.flops", __doc__.split("\n\n")[0],
                 epilog="Any other --section.field VALUE overrides the config (python -m tgdp.train "
                        "--print-config lists the fields).")
-    ap.add_argument("--preset", default="paper", help="config preset: paper | tiny")
+    ap.add_argument("--preset", default="paper", help="config preset: paper | tgdp | tiny")
     ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
     ap.add_argument("--batch", type=int, default=2, help="batch counted (results are per sample)")
     ap.add_argument("--device", default="meta", choices=("meta", "cpu"),

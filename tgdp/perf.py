@@ -258,7 +258,7 @@ def _main(argv: list[str]) -> int:
     ap = parser("tgdp.perf", __doc__.split("\n\n")[0],
                 epilog="Any other --section.field VALUE overrides the config (python -m tgdp.train "
                        "--print-config lists the fields). The efficiencies and what they assume: tgdp/perf.py.")
-    ap.add_argument("--preset", default="paper", help="config preset: paper | tiny")
+    ap.add_argument("--preset", default="paper", help="config preset: paper | tgdp | tiny")
     ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="samples per GPU, one table each")
     ap.add_argument("--pairs", type=int, default=AS2M_PAIRS, help="pairs per epoch (AS-2M as the paper used it)")

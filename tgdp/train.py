@@ -30,7 +30,7 @@ def _parser():
     doc = __doc__.split("\n\n")
     ap = parser(PROG, "\n\n".join(doc[:2]), epilog=doc[2])
     ap.add_argument("--config", default=None, metavar="FILE", help="TOML file applied on top of the preset")
-    ap.add_argument("--preset", default=None, help="paper | tiny (default: paper, tiny with --demo)")
+    ap.add_argument("--preset", default=None, help="paper | tgdp | tiny (default: paper, tiny with --demo)")
     ap.add_argument("--demo", action="store_true",
                     help="the main job: use (and first generate) the embedded demo set, train, evaluate "
                          "retrieval on its held-out split, write a report")

@@ -38,7 +38,7 @@ def parse_args(argv: list[str]):
                          "once next to data.demo_dir (implies --preset tiny)")
     ap.add_argument("--demo-seed", type=int, default=0, help="seed of the demo corpus (tgdp.data.synthetic)")
     ap.add_argument("--demo-classes", type=int, default=None, help="class count of the demo corpus (default 10)")
-    ap.add_argument("--preset", default=None, help="paper | tiny (default: paper, tiny with --demo)")
+    ap.add_argument("--preset", default=None, help="paper | tgdp | tiny (default: paper, tiny with --demo)")
     ap.add_argument("--config", default=None, help="TOML config file applied on top of the preset")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
     ap.add_argument("--variants-file", default=None, help="TOML file with more [variants.<name>] tables")

@@ -2,8 +2,8 @@
 (folder, resume, logging, checkpoints) is :class:`tgdp.training.trainer.Trainer`.
 
 Host syncs happen only at log steps and checkpoint steps (see the trainer); ``train_step`` itself
-enqueues device work only: the finite check, the skip of a non-finite step (fused AdamW's
-``found_inf``) and the EMA weight are device tensors.
+enqueues device work only: the finite check, the skip of a non-finite step (the fused
+optimizer's ``found_inf``, Adam or AdamW) and the EMA weight are device tensors.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class StepState:
 
 
 def train_step(s: StepState, batch: TrainBatch, step: int) -> None:
-    """One optimizer step on this rank's rows: dual path + teacher forward, backward, (clip), AdamW,
+    """One optimizer step on this rank's rows: dual path + teacher forward, backward, (clip), Adam/AdamW,
     EMA teacher. No host sync: a non-finite loss/grad norm skips the update on device."""
     cfg, dev = s.cfg, s.info.device
     # data.host_masks: the source packed them on the host; else drawn on the device here
@@ -118,7 +118,7 @@ def train_step(s: StepState, batch: TrainBatch, step: int) -> None:
             gnorm = gnorm.full_tensor()
         bad = bad | ~torch.isfinite(gnorm)
     bad_f = all_reduce_(bad.float().reshape(1), "max").reshape(())  # every rank skips together
-    s.optimizer.found_inf = bad_f   # fused AdamW skips params/moments/step count when found_inf == 1
+    s.optimizer.found_inf = bad_f   # fused Adam/AdamW skip params/moments/step count when found_inf == 1
     s.optimizer.grad_scale = None
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
