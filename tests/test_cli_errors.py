@@ -116,6 +116,8 @@ COMMANDS = [
             data=lambda e, p: _ab(e, data=p),
             out=lambda e, p: _ab(e, out=p),
             bad_value=lambda e: _ab(e, "--seeds", "0")),
+    Command("tgdp.gpucheck", lambda e: ["--cpu-smoke", "--out", str(e["tmp"] / "gc")], "tgdp.gpucheck.__main__",
+            bad_value=lambda e: ["--cpu-smoke", "--budget", "0"]),
     Command("tgdp.data.synthetic", lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "1", "--workers", "0"],
             out=lambda e, p: ["--out", p, "--n", "1", "--n-val", "1", "--workers", "0", "--no-progress"],
             bad_value=lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "0"]),
