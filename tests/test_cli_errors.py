@@ -118,6 +118,8 @@ COMMANDS = [
             bad_value=lambda e: _ab(e, "--seeds", "0")),
     Command("tgdp.gpucheck", lambda e: ["--cpu-smoke", "--out", str(e["tmp"] / "gc")], "tgdp.gpucheck.__main__",
             bad_value=lambda e: ["--cpu-smoke", "--budget", "0"]),
+    Command("tgdp.kernels.aot", lambda e: ["--batch", "1", "--shard", "0/1000"],
+            bad_value=lambda e: ["--batch", "0"]),
     Command("tgdp.data.synthetic", lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "1", "--workers", "0"],
             out=lambda e, p: ["--out", p, "--n", "1", "--n-val", "1", "--workers", "0", "--no-progress"],
             bad_value=lambda e: ["--out", str(e["tmp"] / "syn"), "--n", "0"]),
