@@ -175,7 +175,7 @@ def compile_variants(variants: list[Variant], target: GPUTarget = H100,
     return session.results
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     ap = parser("tgdp.kernels.aot", __doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256, help="batch of the paper() shapes (default: 256)")
     ap.add_argument("--json", metavar="FILE", help="also write every result as JSON")
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if shard is None or not int(shard[1]) < int(shard[2]):
         raise UserError(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/2")
     i, n = int(shard[1]), int(shard[2])
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch} must be >= 1 (the paper() shapes' batch; default 256)")
     if K.INTERPRET:
         raise UserError("TRITON_INTERPRET=1 is set, so Triton would interpret instead of compiling; "
                         "run without it (env -u TRITON_INTERPRET python -m tgdp.kernels.aot)")
@@ -206,5 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if spilled else 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tgdp.kernels.aot``: expected errors are one line and exit status 2."""
+    return run("tgdp.kernels.aot", _main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run("tgdp.kernels.aot", main))
+    sys.exit(main())

@@ -51,10 +51,11 @@ def read_code(jpg: bytes) -> int:
 
 
 def make_audio(seconds: float, sample_rate: int, *, kind: str = "tone", channels: int = 1,
-               tone_hz: float = 440.0, amplitude: float = 0.3, clicks=(), seed: int = 0) -> np.ndarray:
+               tone_hz: float = 440.0, amplitude: float = 0.3, clicks=(), seed: int = 0,
+               inverted: bool = False) -> np.ndarray:
     """``[channels, N]`` float32 in [-1, 1]. Channel 0: ``kind`` ("tone", "silent", "clicks") plus a
     3 ms noise burst at each time in ``clicks``; channels >= 1: a 3 kHz tone (so a test can tell
-    whether channel 0 was kept)."""
+    whether channel 0 was kept), or with ``inverted`` channel 0 phase-inverted (mixes to silence)."""
     n = int(round(seconds * sample_rate))
     t = np.arange(n) / sample_rate
     x = np.zeros((channels, n), np.float64)
@@ -70,14 +71,15 @@ def make_audio(seconds: float, sample_rate: int, *, kind: str = "tone", channels
         lo, hi = max(start, 0), min(start + width, n)
         x[0, lo:hi] += burst[lo - start:hi - start]
     for c in range(1, channels):
-        x[c] = 0.3 * np.sin(2 * np.pi * 3000.0 * t)
+        x[c] = -x[0] if inverted else 0.3 * np.sin(2 * np.pi * 3000.0 * t)
     return np.clip(x, -1, 1).astype(np.float32)
 
 
 def write_clip(path, *, codec: str = "mjpeg", seconds: float = 2.0, fps: int = 8,
                size: tuple[int, int] = (80, 56), audio: str | None = "tone", sample_rate: int = 16000,
                channels: int = 1, tone_hz: float = 440.0, clicks=(), gray: bool = False,
-               faststart: bool = False, audio_codec: str | None = None, video: bool = True) -> Path:
+               faststart: bool = False, audio_codec: str | None = None, video: bool = True,
+               inverted: bool = False) -> Path:
     """Encode a clip; the container comes from the suffix. ``audio=None``: no audio track;
     ``video=False``: audio only. Returns ``path``."""
     path = Path(path)
@@ -104,7 +106,7 @@ def write_clip(path, *, codec: str = "mjpeg", seconds: float = 2.0, fps: int = 8
             out.mux(vs.encode())
         if audio is not None:
             x = make_audio(seconds, sample_rate, kind=audio, channels=channels, tone_hz=tone_hz,
-                           clicks=clicks)
+                           clicks=clicks, inverted=inverted)
             _encode_audio(out, as_, x, sample_rate)
     return path
 

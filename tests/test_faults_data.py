@@ -304,6 +304,20 @@ def test_channels_first_flags_a_clip_silent_on_channel_0_and_mix_downmixes(tmp_p
     assert s["left_silent"]["meta"]["channel_peaks"][1] > 0.29
 
 
+def test_mix_flags_a_phase_inverted_pair_that_mixes_to_silence(tmp_path):
+    """channels=mix: L = -R sums to nothing; the clip is kept, flagged silent_channel (with both
+    channels' peaks), while the first-channel rule keeps channel 0's tone unflagged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    media.write_clip(src / "inverted.mkv", seconds=1.0, channels=2, inverted=True)   # lossless PCM
+    mix = prep.prepare(src, tmp_path / "mix", workers=0, progress=False, channels="mix")
+    assert [(f["id"], f["reason"]) for f in mix["flagged"]] == [("inverted", "silent_channel")]
+    meta = next(iter_shard(tmp_path / "mix" / mix["shards"][0]["path"]))["meta"]
+    assert meta["silent"] and meta["silent_channel"] and min(meta["channel_peaks"]) > 0.29
+    first = prep.prepare(src, tmp_path / "first", workers=0, progress=False)
+    assert first["flagged"] == [] and sum(e["count"] for e in first["shards"]) == 1
+
+
 def test_training_refuses_shards_of_another_channel_rule(tmp_path, capsys):
     write_dataset(tmp_path / "shards", [4])                    # prepared with the "first" rule
     code, _, err = train(small(tmp_path / "run", "--data.root", str(tmp_path / "shards"), "--train.steps", "1",

@@ -62,6 +62,26 @@ def test_batch_size_one_and_errors():
         info_nce(torch.randn(2, 4), torch.randn(2, 4), temperature=0.0)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_logits_stay_fp32_under_bf16_autocast(symmetric):
+    """Under autocast the cosine logits are not rounded to bf16 (tau = 0.05 would amplify that):
+    loss and gradients equal the fp32 computation."""
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
+    v = v + 0.5 * a                                   # weakly paired: loss ~ 3, logits spread over +-10
+    ref_a, ref_v = a.clone().requires_grad_(), v.clone().requires_grad_()
+    ref, _ = info_nce(ref_a, ref_v, 0.05, symmetric=symmetric, gather=False)
+    ref.backward()
+    ca, cv = a.clone().requires_grad_(), v.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, acc = info_nce(ca, cv, 0.05, symmetric=symmetric, gather=False)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(ca.grad, ref_a.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cv.grad, ref_v.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_distill_hand_values():
     s_a, t_a = torch.tensor([[3.0, 4.0]]), torch.tensor([[2.0, 0.0]])
     s_v, t_v = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 5.0]])

@@ -156,3 +156,18 @@ def test_cpu_default_is_synchronous_and_unpinned():
     assert b.audio.device.type == "cpu" and p.state_dict() == {"kind": "random", "step": 1}
     with pytest.raises(ValueError, match="depth=0"):
         Prefetcher(RandomSource(CFG), "cpu", depth=0)
+
+
+def test_the_trainer_stops_its_prefetch_thread_when_the_run_ends(tmp_path):
+    """Trainer.run closes its Prefetcher: the background thread (the default on CUDA) does not
+    outlive the run, blocked on a full queue and holding the source's workers."""
+    from tgdp.configs import apply_overrides, tiny
+    from tgdp.training.distributed import DistInfo
+    from tgdp.training.trainer import Trainer
+
+    cfg = apply_overrides(tiny(), {"data.root": "random", "train.batch_size": 2, "train.steps": 2,
+                                   "train.out_dir": str(tmp_path)}).validate()
+    tr = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)
+    tr.source = Prefetcher(tr.source.source, "cpu", background=True, depth=1)
+    tr.run()
+    assert tr.source._thread is not None and not tr.source._thread.is_alive()

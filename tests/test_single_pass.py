@@ -16,27 +16,16 @@ from tgdp.method import TGDP
 from tgdp.model import FastCAVMAESync
 from tgdp.reference.model import CAVMAESync
 
+from test_fast_model import _batch, _perturb   # distinct LN copies and tokens; seeded inputs
+
 TOL = dict(atol=1e-5, rtol=1e-5)
 SINGLE = {"masking.dual_path": False, "loss.w_dis": 0.0}
 PAPER_SLICE = {"model.depth": 2, "model.modality_specific_depth": 1, "model.decoder_depth": 1}
 FIELDS = ("loss", "loss_rec", "loss_rec_a", "loss_rec_v", "loss_dis", "loss_con", "acc")
 
 
-def _perturb(module, seed):
-    """Distinct LN copies and tokens, so a wrong LN mode or a missed parameter changes the result."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() <= 1 or "token" in name or "modality" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _inputs(m, b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    audio = torch.randn(b, m.audio_length, m.n_mels, generator=g)
-    frames = torch.randn(b, m.in_chans, m.img_size, m.img_size, generator=g)
-    rec = (random_masks(b, m.num_patches_a, 0.75, g), random_masks(b, m.num_patches_v, 0.75, g))
-    return audio, frames, rec
+    return _batch(m, b, seed)[:3]   # audio, frames, rec masks (drawn before the con masks)
 
 
 def _grads(module):

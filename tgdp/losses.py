@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +60,12 @@ def info_nce(emb_a: Tensor, emb_v: Tensor, temperature: float, symmetric: bool =
     target = torch.arange(b, device=a.device) + offset
 
     def direction(q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        logits = q @ keys.t() / temperature            # [B, world*B]: each local query vs all keys
+        # fp32 logits even under autocast: a bf16 cosine (8 bits of mantissa) divided by tau = 0.05
+        # errs by up to ~0.08 in the logit; the [B, world*B] matmul is negligible next to the encoder
+        dev = q.device.type
+        fp32 = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)   # (meta: no autocast state)
+        with torch.autocast(dev, enabled=False) if fp32 else contextlib.nullcontext():
+            logits = q @ keys.t() / temperature        # [B, world*B]: each local query vs all keys
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(dim=1) == target).float().mean()
         return loss, acc

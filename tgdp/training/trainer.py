@@ -344,4 +344,7 @@ class Trainer:
             log.summary(summary)
         finally:
             log.close()
+            close = getattr(self.source, "close", None)
+            if close is not None:   # the prefetch thread must not outlive the run (nor hold the source)
+                close()
         return summary
