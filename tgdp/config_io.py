@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 __all__ = ["ConfigError", "to_dict", "from_dict", "apply_overrides", "parse_cli_overrides", "load",
-           "field_names", "did_you_mean", "type_name", "to_toml"]
+           "field_names", "did_you_mean", "type_name", "to_toml", "check"]
 
 
 class ConfigError(ValueError):
@@ -292,3 +292,9 @@ def _coerce(key: str, val: Any, tp: Any) -> Any:
                               ",".join("0.9" if a is float else "1" for a in args) + ")")
         return tuple(_coerce(key, x, a) for x, a in zip(items, args))
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def check(ok: bool, name: str, value: object, why: str) -> None:
+    """Raise ``ConfigError("<name>=<value!r> <why>")`` unless ``ok`` (the config sections' validators)."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r} {why}")
